@@ -1,0 +1,313 @@
+"""Sampling as pure functions over tensors: a DDIM step with log-probabilities, classifier-free
+guidance, predicted x0, a trajectory sampler for policy-gradient methods and a differentiable
+sampler (full, last-K or randomly truncated backprop, with per-step gradient checkpointing).
+
+Nothing here wraps itself in ``torch.no_grad``: the caller decides where gradients flow. Every
+sampler takes the network as a callable ``denoise(x_t, t) -> model_output`` (conditioning and
+guidance already applied, see :func:`make_denoiser`), so tests can pass a lambda.
+
+Symbols (DDIM, Song et al. 2021, arXiv 2010.02502, Eq. 12; DDPO, Black et al. 2023, arXiv 2305.13301):
+
+    x_t      -> ``sample``               alpha_bar_t      -> ``alphas_cumprod[t]``
+    x_{t-1}  -> ``prev_sample``          alpha_bar_{t-1}  -> ``alphas_cumprod[t - 1000 // T]``
+    x0_hat   -> ``pred_original_sample`` sigma_t = eta * sqrt(v_t)  -> ``std``
+    mu_theta -> ``mean``                 log pi(x_{t-1} | x_t, c) -> ``log_prob``
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from diffalign.errors import DiffalignError
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass
+class StepOutput:
+    """Everything one DDIM step knows: the new sample, its Gaussian and the log-prob of the sample."""
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor  # [B]
+    mean: torch.Tensor
+    std: torch.Tensor  # broadcastable to the sample
+    pred_original_sample: torch.Tensor
+
+
+def _gather(values: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[index] reshaped to broadcast against ``like`` ([B] -> [B, 1, 1, 1])."""
+    out = values.to(like.device)[index.to(like.device)]
+    return out.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def _randn(shape: torch.Size, generator: Generator, like: torch.Tensor) -> torch.Tensor:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    gen = list(generator) if isinstance(generator, Sequence) else generator
+    return randn_tensor(shape, generator=gen, device=like.device, dtype=like.dtype)
+
+
+def predict_x0_eps(
+    prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted x0 and epsilon from a model output (DDIM Eq. 12's first term; spec §1.2 item 2)."""
+    beta_bar_t = 1 - alpha_bar_t
+    if prediction_type == "epsilon":
+        return (sample - beta_bar_t.sqrt() * model_output) / alpha_bar_t.sqrt(), model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alpha_bar_t.sqrt() * model_output) / beta_bar_t.sqrt()
+    if prediction_type == "v_prediction":
+        x0 = alpha_bar_t.sqrt() * sample - beta_bar_t.sqrt() * model_output
+        return x0, alpha_bar_t.sqrt() * model_output + beta_bar_t.sqrt() * sample
+    raise DiffalignError(f"unsupported prediction_type {prediction_type!r}; expected epsilon, sample or v_prediction")
+
+
+def ddim_step(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: Generator = None,
+    noise: torch.Tensor | None = None,
+    logprob_reduction: Literal["mean", "sum"] = "mean",
+) -> StepOutput:
+    """One DDIM step x_t -> x_{t-1} with the Gaussian log-density of x_{t-1} (DDIM Eq. 12 and 16).
+
+    ``timestep`` is an int or a per-sample tensor ``[B]``. If ``prev_sample`` is given it is scored
+    (policy-gradient training on stored trajectories), otherwise one is drawn with ``noise`` or
+    ``generator``. ``scheduler`` is a diffusers ``DDIMScheduler`` after ``set_timesteps``; its
+    ``final_alpha_cumprod`` is used past the first training timestep, exactly as diffusers does
+    (for Stable Diffusion's ``set_alpha_to_one=False`` this equals DDPO's clamping).
+    """
+    if scheduler.num_inference_steps is None:
+        raise DiffalignError("call scheduler.set_timesteps(num_steps) before ddim_step")
+    cfg = scheduler.config
+    batch = sample.shape[0]
+    t = torch.as_tensor(timestep, device="cpu").long().reshape(-1).expand(batch)
+    # 1. previous grid timestep t' = t - N_train / T
+    prev_t = t - cfg.num_train_timesteps // scheduler.num_inference_steps
+    # 2. alpha_bar_t and alpha_bar_{t'} (final_alpha_cumprod when t' < 0)
+    alphas = torch.cat([scheduler.alphas_cumprod, scheduler.final_alpha_cumprod.reshape(1)])
+    a_t = _gather(alphas, t, sample)
+    a_prev = _gather(alphas, torch.where(prev_t >= 0, prev_t, torch.full_like(prev_t, len(alphas) - 1)), sample)
+    # 3. predicted x0 and epsilon, optional clipping as configured
+    x0, eps = predict_x0_eps(cfg.prediction_type, model_output, sample, a_t)
+    if cfg.get("thresholding", False):
+        x0 = scheduler._threshold_sample(x0)
+    elif cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    # 4. sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))   (DDIM Eq. 16)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    # 5. mean mu = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps   (DDIM Eq. 12)
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    # 6. draw x_{t-1} unless given
+    if prev_sample is None:
+        if eta > 0:
+            z = noise if noise is not None else _randn(model_output.shape, generator, model_output)
+            prev_sample = mean + std * z
+        else:
+            prev_sample = mean
+    # 7. Gaussian log-density of sg(x_{t-1}); only mean carries gradient (spec §1.2 item 6)
+    log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, logprob_reduction)
+    return StepOutput(prev_sample, log_prob, mean, std, x0)
+
+
+def gaussian_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
+) -> torch.Tensor:
+    """Per-sample log N(x; mean, std^2), averaged (DDPO's convention) or summed over non-batch dims."""
+    std = std.expand_as(mean) if std.shape != mean.shape else std
+    elem = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    dims = tuple(range(1, elem.ndim))
+    if reduction == "mean":
+        return elem.mean(dim=dims)
+    if reduction == "sum":
+        return elem.sum(dim=dims)
+    raise DiffalignError(f"logprob_reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: Generator = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDPO's step: ``(prev_sample, log_prob)`` with log_prob averaged over non-batch dims.
+
+    The public entry point for policy-gradient methods; see :func:`ddim_step` for the full output.
+    """
+    out = ddim_step(scheduler, model_output, timestep, sample, eta, prev_sample, generator)
+    return out.prev_sample, out.log_prob
+
+
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance e_u + w (e_c - e_u) (Ho & Salimans 2022), with optional rescale
+    phi (Lin et al. 2023, arXiv 2305.08891, Eq. 15-16)."""
+    guided = uncond + scale * (cond - uncond)
+    if rescale > 0:
+        dims = tuple(range(1, cond.ndim))
+        factor = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        guided = rescale * guided * factor + (1 - rescale) * guided
+    return guided
+
+
+def make_denoiser(
+    unet: torch.nn.Module,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    added_cond: dict[str, torch.Tensor] | None = None,
+    added_uncond: dict[str, torch.Tensor] | None = None,
+    guidance_rescale: float = 0.0,
+) -> Denoiser:
+    """``denoise(x, t)`` for a diffusers UNet: one batched forward on [uncond; cond] when guiding.
+
+    ``added_cond`` carries SDXL's ``text_embeds`` and ``time_ids`` (per batch row).
+    """
+    guide = uncond is not None and guidance_scale != 1.0
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        if not guide:
+            return unet(x, t, encoder_hidden_states=cond, added_cond_kwargs=added_cond).sample
+        kwargs = None
+        if added_cond is not None:
+            kwargs = {k: torch.cat([added_uncond[k], added_cond[k]]) for k in added_cond}
+        out = unet(
+            torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]), added_cond_kwargs=kwargs
+        ).sample
+        e_u, e_c = out.chunk(2)
+        return cfg_combine(e_u, e_c, guidance_scale, guidance_rescale)
+
+    return denoise
+
+
+@dataclass
+class Trajectory:
+    """A sampled chain for policy-gradient methods (spec §1.5)."""
+
+    latents: torch.Tensor  # [B, T+1, C, H, W]: x_T ... x_0
+    log_probs: torch.Tensor  # [B, T]
+    timesteps: torch.Tensor  # [T]
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+
+def sample_trajectory(
+    denoise: Denoiser,
+    scheduler,
+    latents: torch.Tensor,
+    eta: float = 1.0,
+    generator: Generator = None,
+) -> Trajectory:
+    """Run the whole DDIM chain from ``latents`` = x_T over ``scheduler.timesteps``, recording every
+    latent and per-step log-prob (DDPO, arXiv 2305.13301, Sec. 4.2). Call under ``no_grad`` for rollouts."""
+    xs, logps = [latents], []
+    x = latents
+    for t in scheduler.timesteps:
+        out = ddim_step(scheduler, denoise(scheduler.scale_model_input(x, t), t), t, x, eta=eta, generator=generator)
+        x = out.prev_sample
+        xs.append(x)
+        logps.append(out.log_prob)
+    return Trajectory(torch.stack(xs, dim=1), torch.stack(logps, dim=1), scheduler.timesteps.clone())
+
+
+TruncationMode = Literal["none", "fixed", "uniform", "gaussian"]
+
+
+def draw_truncation(
+    mode: TruncationMode, num_steps: int, k: int = 1, mean: float = 42.0, std: float = 5.0, rng: random.Random | None = None
+) -> int:
+    """Index k* of the first sampling step that carries gradient (steps k* .. T-1 do).
+
+    - ``none``: k* = 0, gradients through the whole chain (DRaFT, arXiv 2309.17400).
+    - ``fixed``: k* = T - k, the last ``k`` steps (DRaFT-K; AlignProp "K=1" when k = 1).
+    - ``uniform``: k* ~ U{1, ..., T-1} (AlignProp, arXiv 2310.03739, randomized truncation).
+    - ``gaussian``: k* = int(N(mean, std)) rejected until 1 <= k* < T (AlignProp repository default
+      for T = 50; ``mean`` and ``std`` are in steps).
+    """
+    rng = rng or random
+    if mode == "none":
+        return 0
+    if mode == "fixed":
+        if not 1 <= k <= num_steps:
+            raise DiffalignError(f"truncation k={k} must be between 1 and the number of steps ({num_steps})")
+        return num_steps - k
+    if mode not in ("uniform", "gaussian"):
+        raise DiffalignError(f"unknown truncation mode {mode!r}; use none, fixed, uniform or gaussian")
+    if num_steps < 2:
+        raise DiffalignError(f"{mode} truncation needs at least 2 sampling steps, got {num_steps}")
+    while True:
+        ks = rng.randrange(0, num_steps) if mode == "uniform" else int(rng.gauss(mean, std))
+        if 1 <= ks < num_steps:
+            return ks
+
+
+def sample_differentiable(
+    denoise: Denoiser,
+    scheduler,
+    latents: torch.Tensor,
+    grad_from: int = 0,
+    eta: float = 0.0,
+    generator: Generator = None,
+    noises: Sequence[torch.Tensor] | None = None,
+    checkpoint: bool = True,
+    stop_at: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample with gradients through steps ``grad_from .. T-1`` (AlignProp / DRaFT-K / full DRaFT).
+
+    Steps before ``grad_from`` run without a graph (equivalent to AlignProp's detaching of the
+    network output there, and cheaper). With ``checkpoint`` every network call with gradient is
+    wrapped in non-reentrant activation checkpointing, so memory stays that of one UNet call plus
+    one latent per step, whatever the number of steps. ``noises[k]`` fixes the step noise
+    (reparameterized sampling, for finite-difference tests). ``stop_at`` returns early after that
+    many steps, together with the predicted x0 of the last step taken (ReFL's one-step lookahead).
+
+    Returns ``(x, pred_x0)``: the final latent (or the latent after ``stop_at`` steps) and the last
+    step's predicted x0.
+    """
+    x = latents
+    x0 = None
+    timesteps = scheduler.timesteps if stop_at is None else scheduler.timesteps[:stop_at]
+    for k, t in enumerate(timesteps):
+        noise = noises[k] if noises is not None else None
+        if eta > 0 and noise is None:
+            noise = _randn(x.shape, generator, x)
+        with torch.set_grad_enabled(k >= grad_from and torch.is_grad_enabled()):
+            inp = scheduler.scale_model_input(x, t)
+            if checkpoint and k >= grad_from and torch.is_grad_enabled():
+                out = _checkpoint(denoise, inp, t, use_reentrant=False)
+            else:
+                out = denoise(inp, t)
+            step = ddim_step(scheduler, out, t, x, eta=eta, noise=noise)
+            x, x0 = step.prev_sample, step.pred_original_sample
+    return x, x0
+
+
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+    """VAE decode to images in [0, 1] (differentiable unless called under no_grad)."""
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = latents / scale + shift
+
+    def _decode(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z.to(vae.dtype)).sample
+
+    img = _checkpoint(_decode, z, use_reentrant=False) if checkpoint and torch.is_grad_enabled() else _decode(z)
+    return (img.float() / 2 + 0.5).clamp(0, 1)
