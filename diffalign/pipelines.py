@@ -272,13 +272,18 @@ def _lora_file(path: str | os.PathLike) -> Path:
     return f
 
 
+def _is_down(key: str) -> bool:
+    """Is this a LoRA down (A) matrix, in any of the key styles diffusers and peft write?"""
+    return key.endswith(("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_linear_layer.down.weight"))
+
+
 def lora_rank(path: str | os.PathLike) -> int:
     """Rank of a saved LoRA (from its first down/A matrix)."""
     from safetensors import safe_open
 
     with safe_open(str(_lora_file(path)), "pt") as f:
         for key in f.keys():
-            if "lora_A" in key or "lora_down" in key:
+            if _is_down(key):
                 return int(f.get_slice(key).get_shape()[0])
     raise DiffalignError(f"{path} holds no LoRA matrices")
 
@@ -297,11 +302,12 @@ def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default", expe
     if expect_rank is not None and rank != expect_rank:
         raise DiffalignError(f"LoRA at {path} has rank {rank} but the config asks for rank {expect_rank}; set lora.rank={rank}")
     with safe_open(str(file), "pt") as f:
-        n_unet = sum(1 for k in f.keys() if k.startswith("unet.") and ("lora_A" in k or "lora.down" in k or "lora_down" in k))
+        n_unet = sum(1 for k in f.keys() if k.startswith("unet.") and _is_down(k))
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0][:240]
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(exc).__name__)[:300]
         raise DiffalignError(f"LoRA at {path} does not fit this base model (trained on another base or size?): {first}") from None
     injected = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(f"lora_A.{adapter_name}"))
     if n_unet == 0 or injected < n_unet:
@@ -309,3 +315,11 @@ def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default", expe
             f"LoRA at {path} does not fit this base model: {n_unet} UNet LoRA layers in the file, "
             f"{injected} matched; it was trained on another base model"
         )
+
+
+def decode(pipe, latents: torch.Tensor, differentiable: bool = False, checkpoint: bool = False) -> torch.Tensor:
+    """Latents -> images [B, 3, H, W] in [0, 1] with the pipeline's VAE (with a graph if ``differentiable``)."""
+    from diffalign.sampling import decode_latents
+
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        return decode_latents(pipe.vae, latents, checkpoint=checkpoint)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -61,11 +61,24 @@ PERTURBATIONS: dict[str, Perturb] = {
     "jpeg q=60": _jpeg(60),
     "down 32px": _resize(32),
     "down 32px + blur 0.6": _resize(32, _blur(0.6)),
-    "up 128px bicubic": lambda img, rng: np.asarray(
-        Image.fromarray(img).resize((128, 128), Image.Resampling.BICUBIC)
-    ),
+    "up 128px bicubic": lambda img, rng: np.asarray(Image.fromarray(img).resize((128, 128), Image.Resampling.BICUBIC)),
     "noise-image": lambda img, rng: rng.integers(0, 256, img.shape, dtype=np.uint8),
     "blank": lambda img, rng: np.broadcast_to(np.asarray(BACKGROUND, np.uint8), img.shape).copy(),
+}
+# Beyond the tested envelope (``--stress``): where the verifier starts to fail.
+STRESS: dict[str, Perturb] = {
+    "blur r=1.5": _blur(1.5),
+    "blur r=2.0": _blur(2.0),
+    "blur r=2.5": _blur(2.5),
+    "noise 24/255": _noise(24.0),
+    "noise 32/255": _noise(32.0),
+    "jpeg q=20": _jpeg(20),
+    "jpeg q=10": _jpeg(10),
+    "down 24px": _resize(24),
+    "down 16px": _resize(16),
+    "down 32px + blur 1.0": _resize(32, _blur(1.0)),
+    "down 32px + noise 16": _resize(32, _noise(16.0)),
+    "down 32px + jpeg q=30": _resize(32, _jpeg(30)),
 }
 
 
@@ -80,6 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=500, help="images per perturbation (default 500)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stress", action="store_true", help="also run harsher perturbations, beyond the tested envelope")
     args = ap.parse_args()
     prompts, images = eval_set(args.n, args.seed)
     cols = ["accuracy", "score", "count_acc", "color_acc", "shape_acc", "found_any"]
@@ -87,7 +101,8 @@ def main() -> None:
     print(f"| {'perturbation':<22} | " + " | ".join(f"{c:>9}" for c in cols) + " |")
     print(f"|{'-' * 24}|" + "|".join("-" * 11 for _ in cols) + "|")
     t0 = time.perf_counter()
-    for name, fn in PERTURBATIONS.items():
+    rows = PERTURBATIONS | (STRESS if args.stress else {})
+    for name, fn in rows.items():
         rng = np.random.default_rng([args.seed, 12345])
         acc = gold_accuracy(verify_batch([fn(img, rng) for img in images], prompts))
         print(f"| {name:<22} | " + " | ".join(f"{acc[c]:>9.3f}" for c in cols) + " |", flush=True)

@@ -1,0 +1,177 @@
+"""Train the shapes-world proxy reward: a tiny open_clip CLIP, shipped in ``assets/shapes-clip/`` (resumable).
+
+Contrastive image-text training (CLIP, Radford et al. 2021, arXiv 2103.00020, Eq. in Fig. 3) on
+shapes scenes of every split, with one *hard negative* caption per image (one attribute changed:
+a color, a shape or a count), and image augmentations (blur, noise, color jitter) so that it
+scores imperfect generated images smoothly. The result is an honest proxy: correlated with the
+exact gold verifier, not identical to it (it has never seen generated images and it is small).
+
+The asset directory uses open_clip's own local layout (``open_clip_config.json`` +
+``open_clip_model.safetensors``), loaded by ``open_clip.create_model("local-dir:assets/shapes-clip")``
+exactly as a hub checkpoint would be. Weights are stored in fp16 (loaded into fp32).
+
+    python scripts/train_shapes_clip.py --work runs/shapes-clip --steps 2500 --export assets/shapes-clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffalign.shapes.data import render_batch  # noqa: E402
+from diffalign.shapes.splits import all_specs  # noqa: E402
+from diffalign.shapes.world import COLORS, SHAPES, SceneSpec  # noqa: E402
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+MODEL_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
+}
+
+
+def log(work: Path, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    with open(work / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def hard_negative(spec: SceneSpec, rng: random.Random) -> SceneSpec:
+    """The same scene with one attribute changed (color, shape or count of one object)."""
+    objects = spec.objects()
+    for _ in range(100):
+        objs = list(objects)
+        i = rng.randrange(len(objs))
+        kind = rng.choice(["color", "shape", "count"])
+        if kind == "color":
+            objs[i] = (rng.choice([c for c in COLORS if c != objs[i][0]]), objs[i][1])
+        elif kind == "shape":
+            objs[i] = (objs[i][0], rng.choice([s for s in SHAPES if s != objs[i][1]]))
+        elif len(objs) == 1:
+            objs.append(objs[0])
+        else:
+            objs.pop(i)
+        neg = SceneSpec.from_objects(objs)
+        if neg != spec:
+            return neg
+    raise RuntimeError("no hard negative")  # pragma: no cover
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random blur, pixel noise and color jitter (images in [0, 1])."""
+    b = x.shape[0]
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k = (k[:, None] * k[None, :] / 16).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+    w = torch.rand(b, 1, 1, 1, generator=g)
+    x = w * blurred + (1 - w) * x
+    x = x * (1 + 0.1 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5))
+    x = x + torch.randn(x.shape, generator=g) * 0.06 * torch.rand(b, 1, 1, 1, generator=g)
+    return x.clamp(0, 1)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def export(model: torch.nn.Module, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_cfg": MODEL_CFG, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
+    (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=1))
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(tmp / "open_clip_model.safetensors"))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import open_clip
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("runs/shapes-clip"))
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--pool", type=int, default=30_000, help="pre-rendered scenes to draw batches from")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--export", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    open_clip.factory._MODEL_CONFIGS["shapes-clip"] = MODEL_CFG
+    model = open_clip.create_model("shapes-clip")
+    tokenizer = open_clip.get_tokenizer("shapes-clip")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    ckpt, step = args.work / "clip.pt", 0
+    g = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        g.set_state(state["gen"])
+        rng.setstate(state["rng"])
+    pool_path = args.work / "pool.pt"
+    if not pool_path.exists():
+        specs = all_specs()
+        idx = torch.randint(0, len(specs), (args.pool,), generator=torch.Generator().manual_seed(1)).tolist()
+        chosen = [specs[i] for i in idx]
+        images = torch.cat([render_batch(chosen[i : i + 1000], seed=7_000_000 + i) for i in range(0, args.pool, 1000)])
+        torch.save({"images": (images * 255).byte(), "idx": idx}, pool_path)
+    pool = torch.load(pool_path, weights_only=False)
+    specs = all_specs()
+    log(args.work, f"clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, from step {step} to {args.steps}")
+    t0 = time.time()
+    while step < args.steps:
+        sel = torch.randint(0, args.pool, (args.batch,), generator=g)
+        images = normalize(augment(pool["images"][sel].float() / 255, g))
+        batch_specs = [specs[pool["idx"][i]] for i in sel.tolist()]
+        captions = [s.caption() for s in batch_specs] + [hard_negative(s, rng).caption() for s in batch_specs]
+        img = F.normalize(model.encode_image(images), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T  # [B, 2B]: B positives then B hard negatives
+        target = torch.arange(args.batch)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : args.batch].T, target))
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)
+        step += 1
+        if step % 50 == 0:
+            acc = (logits.argmax(1) == target).float().mean()
+            log(args.work, f"clip step {step} loss {loss.item():.3f} acc {acc:.2f} {(time.time() - t0) / 50:.2f}s/step")
+            t0 = time.time()
+        if step % 250 == 0 or step == args.steps:
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "gen": g.get_state(), "rng": rng.getstate()}
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt)
+    if args.export:
+        export(model, args.export)
+        log(args.work, f"exported to {args.export}")
+
+
+if __name__ == "__main__":
+    main()
