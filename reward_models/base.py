@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from diffalign.errors import DiffalignError
+
+if TYPE_CHECKING:
+    from reward_models.registry import RewardSpec
 
 # Values may overshoot [0, 1] by this much (e.g. a VAE decode before clamping, bicubic ringing).
 RANGE_TOLERANCE = 1e-3
@@ -65,9 +69,7 @@ def check_inputs(images: object, prompts: object, name: str = "reward") -> list[
             hint = "; clamp to [0, 1]"
         raise DiffalignError(f"{where}: image values span [{lo:.3g}, {hi:.3g}]; expected [0, 1]{hint}")
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise DiffalignError(
-            f"{where}: prompts must be a list of strings, one per image, got {type(prompts).__name__}"
-        )
+        raise DiffalignError(f"{where}: prompts must be a list of strings, one per image, got {type(prompts).__name__}")
     prompts = list(prompts)
     if len(prompts) != images.shape[0]:
         raise DiffalignError(
@@ -91,6 +93,7 @@ class Reward(torch.nn.Module, metaclass=abc.ABCMeta):
         differentiable: whether ``d score / d images`` is meaningful; only then does ``forward``
             build a graph back to the pixels.
         range: the typical range of the score, for documentation and normalisation (not a clamp).
+        spec: the :class:`~reward_models.registry.RewardSpec` it was built from (``get_reward`` sets it).
 
     A reward has no training mode: ``train()`` keeps every sub-module in eval mode (dropout off), and
     backbones are frozen (``requires_grad=False``) so gradients reach only the images.
@@ -99,6 +102,7 @@ class Reward(torch.nn.Module, metaclass=abc.ABCMeta):
     name: str = "reward"
     differentiable: bool = False
     range: tuple[float, float] = (0.0, 1.0)
+    spec: RewardSpec | None = None  # set by get_reward: the parsed spec (its weight is for combining)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Score ``images`` ``[B, 3, H, W]`` in ``[0, 1]`` against ``prompts`` (one per image); return ``[B]``."""

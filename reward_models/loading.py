@@ -20,14 +20,18 @@ import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffalign.errors import DiffalignError
+
+if TYPE_CHECKING:
+    import torch
 
 HF_FILE_PREFIX = "hf-hub:"
 _FILE_SUFFIX = re.compile(r"\.(pt|pth|bin|safetensors|ckpt|json|npz|npy|png|jpe?g|webp|txt)$", re.IGNORECASE)
 
 
-def one_line(text: object, limit: int = 300) -> str:
+def one_line(text: object, limit: int = 200) -> str:
     """Collapse whitespace (newlines included) and shorten, for embedding an exception in a message."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
@@ -140,3 +144,17 @@ def describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
     return "; ".join(parts)
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """Read an image file as a ``[3, H, W]`` float tensor in ``[0, 1]``; DiffalignError if unreadable."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as err:
+        raise DiffalignError(f"cannot read image {str(path)!r}: {one_line(err)}") from err
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

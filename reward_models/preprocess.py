@@ -66,10 +66,14 @@ def shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int
     return (shortest, new_long) if height <= width else (new_long, shortest)
 
 
-def center_crop_or_pad(images: torch.Tensor, size: tuple[int, int], fill: float = 0.0) -> torch.Tensor:
+def center_crop_or_pad(
+    images: torch.Tensor, size: tuple[int, int], fill: float = 0.0, offsets: Literal["round", "floor"] = "round"
+) -> torch.Tensor:
     """Center-crop ``[B, C, H, W]`` to ``size``; pad with ``fill`` first where the image is smaller.
 
-    Offsets follow ``torchvision.transforms.functional.center_crop``.
+    ``offsets="round"`` places the crop as ``torchvision.transforms.functional.center_crop``
+    (open_clip, BLIP/ImageReward, HPS); ``"floor"`` as transformers' image processors (CLIP, DINOv2).
+    The two differ by one pixel when the margin is odd.
     """
     th, tw = size
     h, w = images.shape[-2:]
@@ -80,8 +84,10 @@ def center_crop_or_pad(images: torch.Tensor, size: tuple[int, int], fill: float 
         h, w = images.shape[-2:]
         if (h, w) == (th, tw):
             return images
-    top = int(round((h - th) / 2.0))
-    left = int(round((w - tw) / 2.0))
+    if offsets == "round":
+        top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+    else:
+        top, left = (h - th) // 2, (w - tw) // 2
     return images[..., top : top + th, left : left + tw]
 
 
@@ -106,8 +112,9 @@ def preprocess(
 
     Args:
         images: ``[B, 3, H, W]`` float in ``[0, 1]``.
-        size: for ``resize_mode="shortest"`` an int is the target shortest edge (aspect kept, as
-            torchvision ``Resize(int)``) and a pair is an exact size; for ``"longest"`` the longest edge
+        size: for ``resize_mode="shortest"`` an int (or a square pair) is the target shortest edge
+            (aspect kept, as torchvision ``Resize(int)``), a non-square pair is covered keeping the
+            aspect (open_clip ``ResizeKeepRatio``); for ``"longest"`` the longest edge
             is fit into ``size`` (aspect kept, open_clip ``ResizeKeepRatio(longest=1)``, HPS's
             ``ResizeMaxSize``) and the rest padded with ``fill``; ``"squash"`` resizes to ``size`` exactly.
         crop: final ``(h, w)`` (or int) after center crop / pad; ``None`` skips cropping.
@@ -117,7 +124,12 @@ def preprocess(
     """
     h, w = images.shape[-2:]
     if resize_mode == "shortest":
-        target = shortest_edge_size(h, w, size) if isinstance(size, int) else _pair(size)
+        th, tw = _pair(size)
+        if th == tw:
+            target = shortest_edge_size(h, w, th)
+        else:  # open_clip ResizeKeepRatio(longest=0): the smaller scale factor
+            ratio = min(h / th, w / tw)
+            target = (round(h / ratio), round(w / ratio))
     elif resize_mode == "longest":
         th, tw = _pair(size)
         ratio = max(h / th, w / tw)

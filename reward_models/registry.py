@@ -6,6 +6,7 @@ Spec grammar
 
     SPEC    := NAME [":" OPTIONS]                      a registered reward
              | MODULE ":" CLASS [":" OPTIONS]          a plug-in: any Reward subclass importable by path
+                                                       (told apart by the CLASS segment without "=")
     OPTIONS := KEY "=" VALUE ("," KEY "=" VALUE)*
 
 - ``NAME`` is a registered name (:func:`list_rewards`), e.g. ``clip_score``, ``aesthetic``.
@@ -130,7 +131,8 @@ class RewardSpec:
         head, _, rest = spec.partition(":")
         head = head.strip()
         first, _, after = rest.partition(":")
-        if "." in head and first.strip() and "=" not in first:
+        is_class = bool(_IDENT.match(first.strip())) and "=" not in first
+        if is_class and ("." in head or head not in list_rewards()):
             # plug-in: module.path:ClassName[:options]
             if not _MODULE.match(head) or not _IDENT.match(first.strip()):
                 raise DiffalignError(f"reward spec {spec!r}: a plug-in is written pkg.module:ClassName[:key=value,...]")
@@ -176,8 +178,7 @@ def _unknown_name(name: str) -> DiffalignError:
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return DiffalignError(
-        f"unknown reward '{name}'{hint} Known rewards: {', '.join(names)} "
-        "(or a plug-in written pkg.module:ClassName)"
+        f"unknown reward '{name}'{hint} Known rewards: {', '.join(names)} (or a plug-in written pkg.module:ClassName)"
     )
 
 
@@ -220,6 +221,14 @@ def _coerce(spec_name: str, key: str, value: Any, raw: str | None, hint: Any) ->
     """Fit a parsed value to the parameter's annotation: numbers and bools are checked, ``str`` keeps the text."""
     if hint is None or hint is Any:
         return value
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        for choice in choices:
+            if value == choice or (raw is not None and raw == str(choice)):
+                return choice
+        raise DiffalignError(
+            f"reward '{spec_name}': option {key} must be one of {', '.join(map(str, choices))}, got {raw or value!r}"
+        )
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
@@ -273,9 +282,7 @@ def get_reward(
             f"reward '{parsed.name}' needs option {missing[0]}=...; e.g. {parsed.name}:{missing[0]}=VALUE"
         )
     hints = _type_hints(cls)
-    kwargs = {
-        k: _coerce(parsed.name, k, v, parsed.raw.get(k), hints.get(k, Any)) for k, v in parsed.options.items()
-    }
+    kwargs = {k: _coerce(parsed.name, k, v, parsed.raw.get(k), hints.get(k, Any)) for k, v in parsed.options.items()}
     reward = cls(**kwargs)
     if not isinstance(reward, Reward):
         raise DiffalignError(f"reward '{parsed.name}' built a {type(reward).__name__}, not a Reward")

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reward_models import Reward
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -310,3 +312,17 @@ def textured_image(height: int = 40, width: int = 48, seed: int = 0) -> np.ndarr
     base[height // 4 : height // 2, width // 3 : 2 * width // 3] = (0.9, 0.1, 0.2)
     base += rng.normal(0, 0.05, base.shape)
     return (np.clip(base, 0, 1) * 255).round().astype(np.uint8)
+
+
+class ConstantReward(Reward):
+    """A plug-in reward for the registry tests: ``rewards_fixtures:ConstantReward:value=2.5``."""
+
+    name = "constant"
+    range = (0.0, 10.0)
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__()
+        self.value = float(value)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return torch.full((images.shape[0],), self.value, device=images.device)

@@ -1,0 +1,50 @@
+"""Images to disk: numbered PNGs, grids with captions, and the HTML before/after gallery."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [0, 1] -> PIL RGB."""
+    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len] or "prompt"
+
+
+def save_images(images: torch.Tensor, out_dir: Path, captions: list[str] | None = None) -> list[Path]:
+    """Write ``images`` [B, 3, H, W] as ``00000_<caption-slug>.png`` files; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        name = f"{i:05d}" + (f"_{slug(captions[i])}" if captions else "") + ".png"
+        to_pil(image).save(out_dir / name)
+        paths.append(out_dir / name)
+    return paths
+
+
+def grid(images: torch.Tensor, ncol: int, pad: int = 2, scale: int = 1) -> Image.Image:
+    """Tile [B, 3, H, W] images into one PIL image, ``ncol`` per row, white padding."""
+    b, _, h, w = images.shape
+    nrow = (b + ncol - 1) // ncol
+    canvas = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + pad) + pad), (255, 255, 255))
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncol)
+        canvas.paste(to_pil(image), (pad + c * (w + pad), pad + r * (h + pad)))
+    if scale != 1:
+        canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
+    return canvas
+
+
+def save_grid(images: torch.Tensor, path: Path, ncol: int = 8, scale: int = 2) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid(images, ncol, scale=scale).save(path)
+    return path

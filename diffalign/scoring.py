@@ -1,0 +1,193 @@
+"""``diffalign score``: score a folder of images with one or more rewards; write CSV or JSONL.
+
+One row per image: ``file``, ``prompt`` and one column per reward (named after the reward; the full
+spec when two rewards share a name). Prompts come from a text file (one line per image, matched to
+the images sorted by file name, or a single line for all) or a JSONL file of
+``{"file": ..., "prompt": ...}`` objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffalign.errors import DiffalignError
+from reward_models.loading import load_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EPILOG = """example:
+  diffalign score --reward jpeg_compressibility --reward shapes_gold:mode=correct \\
+      --reward clip_score:model=ViT-B-32,pretrained=openai,weight=0.5 \\
+      --images runs/exp1/samples --prompts runs/exp1/prompts.txt --out runs/exp1/scores.csv
+
+prompts: a .txt file with one line per image (images sorted by file name) or a single line for all,
+or a .jsonl file of {"file": "NAME.png", "prompt": "..."} objects. --out ending in .csv writes CSV,
+anything else JSONL. Reward specs: NAME[:key=value,...] or pkg.module:ClassName[:key=value,...];
+see reward_models/README.md for the rewards and their options."""
+
+
+def list_images(images_dir: Path) -> list[Path]:
+    """Image files directly inside ``images_dir``, sorted by name."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise DiffalignError(f"images directory {str(images_dir)!r} does not exist")
+    files = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DiffalignError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(images_dir)!r}")
+    return files
+
+
+def read_prompts(prompts: Path, files: list[Path]) -> list[str]:
+    """One prompt per image file, from a ``.txt`` (per line or one line for all) or ``.jsonl`` file."""
+    prompts = Path(prompts)
+    if not prompts.is_file():
+        raise DiffalignError(f"prompts file {str(prompts)!r} does not exist")
+    try:
+        text = prompts.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DiffalignError(f"cannot read prompts file {str(prompts)!r}: {err}") from err
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not any(line.strip() for line in lines):
+        raise DiffalignError(f"prompts file {str(prompts)!r} is empty; give one prompt per line (or one for all)")
+    if prompts.suffix.lower() == ".jsonl":
+        by_file: dict[str, str] = {}
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DiffalignError(f"{prompts}:{number}: not valid JSON ({err.msg})") from err
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("file"), str)
+                or not isinstance(row.get("prompt"), str)
+            ):
+                raise DiffalignError(f'{prompts}:{number}: expected {{"file": "NAME.png", "prompt": "..."}}')
+            by_file[Path(row["file"]).name] = row["prompt"]
+        missing = [f.name for f in files if f.name not in by_file]
+        if missing:
+            raise DiffalignError(
+                f"{prompts} has no prompt for {len(missing)} of {len(files)} images (first: {missing[0]})"
+            )
+        return [by_file[f.name] for f in files]
+    if len(lines) == 1:
+        return lines * len(files)
+    if len(lines) != len(files):
+        raise DiffalignError(
+            f"{prompts} has {len(lines)} prompts for {len(files)} images; give one line per image "
+            "(matched to the images sorted by file name) or a single line for all"
+        )
+    return lines
+
+
+def _columns(rewards: list[Any]) -> list[str]:
+    names = [r.name for r in rewards]
+    return [str(r.spec) if names.count(r.name) > 1 else r.name for r in rewards]
+
+
+def score_images(
+    reward_specs: list[str],
+    images_dir: Path,
+    prompts: Path,
+    out: Path,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> Path:
+    """Score every image in ``images_dir`` with each reward; write ``out`` (CSV if ``.csv``, else JSONL).
+
+    Images of different sizes are batched separately. Returns ``out``. Raises DiffalignError for an
+    empty or mismatched prompts file, a directory without images, an unreadable image, a bad reward
+    spec or a bad device.
+    """
+    from tqdm import tqdm
+
+    from reward_models import get_reward
+
+    if not reward_specs:
+        raise DiffalignError("no rewards given; pass at least one --reward NAME[:key=value,...]")
+    if batch_size < 1:
+        raise DiffalignError(f"batch size must be at least 1, got {batch_size}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DiffalignError(f"unknown device {device!r}: {err}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiffalignError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    files = list_images(Path(images_dir))
+    prompt_list = read_prompts(Path(prompts), files)
+    rewards = [get_reward(spec, device=dev) for spec in reward_specs]
+    columns = _columns(rewards)
+    scores: dict[str, list[float]] = {c: [0.0] * len(files) for c in columns}
+    with tqdm(total=len(files), unit="img", desc="scoring") as bar:
+        for start in range(0, len(files), batch_size):
+            idx = list(range(start, min(start + batch_size, len(files))))
+            by_size: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+            for i in idx:
+                img = load_image(files[i])
+                by_size[tuple(img.shape[-2:])].append((i, img))
+            for group in by_size.values():
+                ids = [i for i, _ in group]
+                batch = torch.stack([img for _, img in group]).to(dev)
+                group_prompts = [prompt_list[i] for i in ids]
+                for column, reward in zip(columns, rewards, strict=True):
+                    with torch.no_grad():
+                        values = reward(batch, group_prompts).tolist()
+                    for i, v in zip(ids, values, strict=True):
+                        scores[column][i] = float(v)
+            bar.update(len(idx))
+    rows = [
+        {"file": f.name, "prompt": p, **{c: scores[c][i] for c in columns}}
+        for i, (f, p) in enumerate(zip(files, prompt_list, strict=True))
+    ]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8", newline="") as fh:
+        if out.suffix.lower() == ".csv":
+            writer = csv.DictWriter(fh, fieldnames=["file", "prompt", *columns])
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``diffalign score`` (``args`` from the parser :func:`register` builds)."""
+    out = score_images(args.reward, args.images, args.prompts, args.out, args.batch_size, args.device)
+    print(f"wrote scores to {out}")
+    return 0
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``score`` subcommand to an ``argparse`` subparsers object; ``func`` is :func:`run`."""
+    parser = subparsers.add_parser(
+        "score",
+        help="score a folder of images with one or more rewards",
+        description="Score every image in a folder with one or more rewards and write CSV or JSONL.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--reward",
+        action="append",
+        required=True,
+        metavar="NAME[:key=value,...]",
+        help="a reward spec; repeat for several (e.g. clip_score:model=ViT-B-32,pretrained=openai)",
+    )
+    parser.add_argument("--images", type=Path, required=True, metavar="DIR", help="folder of images")
+    parser.add_argument("--prompts", type=Path, required=True, metavar="FILE", help="prompts .txt or .jsonl")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .csv or .jsonl")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (default 16)")
+    parser.add_argument("--device", default="cpu", metavar="D", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.set_defaults(func=run)
+    return parser
