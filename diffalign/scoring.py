@@ -110,7 +110,8 @@ def score_images(
     """
     from tqdm import tqdm
 
-    from reward_models import get_reward
+    from reward_models import RewardSpec, get_reward
+    from reward_models.registry import reward_class
 
     if not reward_specs:
         raise DiffalignError("no rewards given; pass at least one --reward NAME[:key=value,...]")
@@ -122,6 +123,8 @@ def score_images(
         raise DiffalignError(f"unknown device {device!r}: {err}") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DiffalignError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    for spec in reward_specs:  # fail fast on a misspelt reward, before reading any image
+        reward_class(RewardSpec.parse(spec).name)
     files = list_images(Path(images_dir))
     prompt_list = read_prompts(Path(prompts), files)
     rewards = [get_reward(spec, device=dev) for spec in reward_specs]

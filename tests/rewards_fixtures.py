@@ -54,17 +54,24 @@ def _randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
             p.copy_(noise)
 
 
-def make_open_clip_dir(path: Path, seed: int = 0, with_weights: bool = True) -> Path:
-    """An open_clip ``local-dir`` layout: ``open_clip_config.json`` (+ ``open_clip_model.safetensors``)."""
+def make_open_clip_dir(path: Path, seed: int = 0, with_weights: bool = True, asset_style: bool = False) -> Path:
+    """An open_clip ``local-dir`` layout: ``open_clip_config.json`` (+ ``open_clip_model.safetensors``).
+
+    ``asset_style`` writes it as ``scripts/train_shapes_clip.py`` exports ``assets/shapes-clip``:
+    fp16 weights and no ``size`` in ``preprocess_cfg`` (open_clip takes it from the model).
+    """
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
+    preprocess = {k: v for k, v in OPEN_CLIP_PREPROCESS.items() if not (asset_style and k == "size")}
     (path / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": OPEN_CLIP_PREPROCESS}, indent=2)
+        json.dumps({"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": preprocess}, indent=2)
     )
     if with_weights:
         model = make_open_clip_model(seed)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+        dtype = torch.float16 if asset_style else torch.float32
+        state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(path / "open_clip_model.safetensors"))
     return path
 
 

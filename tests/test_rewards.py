@@ -9,6 +9,7 @@ compared with each backbone's own processor on a fixed image.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 @dataclasses.dataclass
 class Tiny:
     open_clip: Path
+    shapes_clip: Path
     head: Path
     hps_arch: Path
     hps_ckpt: Path
@@ -88,7 +90,7 @@ class Tiny:
     def spec(self, name: str) -> str:
         return {
             "clip_score": f"clip_score:model=local-dir:{self.open_clip}",
-            "shapes_clip": f"shapes_clip:model=local-dir:{self.open_clip}",
+            "shapes_clip": f"shapes_clip:model=local-dir:{self.shapes_clip}",
             "aesthetic": f"aesthetic:clip_model=local-dir:{self.open_clip},head={self.head}",
             "hps": f"hps:model=local-dir:{self.hps_arch},checkpoint={self.hps_ckpt}",
             "pickscore": f"pickscore:model={self.pickscore},processor={self.pickscore}",
@@ -112,6 +114,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     Image.fromarray(textured_image(64, 64, seed=1)).save(refs / "b.png")
     return Tiny(
         open_clip=make_open_clip_dir(root / "open_clip"),
+        shapes_clip=make_open_clip_dir(root / "shapes_clip", seed=5, asset_style=True),
         head=head,
         hps_arch=hps_arch,
         hps_ckpt=hps_ckpt,
@@ -229,6 +232,16 @@ def test_bad_inputs(loaded: dict[str, Reward], batch: tuple[torch.Tensor, list[s
     assert torch.isfinite(reward((images * 1.0005).clamp(max=1.0005), prompts)).all()
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_unknown_option(tiny: Tiny, name: str) -> None:
+    spec = tiny.spec(name)
+    with pytest.raises(DiffalignError) as err:
+        get_reward(spec + ("," if ":" in spec else ":") + "bogus=1")
+    msg = assert_one_line(err, f"reward '{name}' has no option 'bogus'", "accepted options:")
+    first_option = next(iter(inspect.signature(reward_class(name).__init__).parameters.keys() - {"self"}))
+    assert first_option in msg
+
+
 def test_missing_weights_paths(tiny: Tiny, tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     cases = {
@@ -260,6 +273,7 @@ def test_hub_ids_fail_offline_with_one_line(tiny: Tiny) -> None:
         "hps:model=local-dir:" + str(tiny.hps_arch) + ",checkpoint=hf-hub:nobody-xyz/hps/x.pt": "hf-hub:nobody-xyz",
         f"aesthetic:clip_model=local-dir:{tiny.open_clip}": "trl-lib/ddpo-aesthetic-predictor",
         "clip_score:model=hf-hub:nobody-xyz/no-clip": "nobody-xyz/no-clip",
+        "clip_score:model=ViT-B-32,pretrained=openai": "Failed to download weights for tag 'openai'",
     }
     for spec, part in cases.items():
         with pytest.raises(DiffalignError) as err:
@@ -492,8 +506,11 @@ def test_clip_score_values(tiny: Tiny, loaded: dict[str, Reward], batch: tuple[t
     clipscore = get_reward(tiny.spec("clip_score") + ",clipscore_w=2.5")
     torch.testing.assert_close(clipscore(images, prompts), 2.5 * cos.clamp(min=0))
     assert clipscore.range == (0.0, 2.5)
-    # shapes_clip is the same score with another default model
-    torch.testing.assert_close(loaded["shapes_clip"](images, prompts), cos)
+    # shapes_clip is the same score with another default model (here an asset-style dir: fp16, no size)
+    shapes_clip = loaded["shapes_clip"]
+    assert shapes_clip.pp_size == (32, 32) and shapes_clip.dtype == torch.float32
+    same = get_reward(f"clip_score:model=local-dir:{tiny.shapes_clip}")
+    torch.testing.assert_close(shapes_clip(images, prompts), same(images, prompts))
 
 
 def test_shapes_clip_missing_asset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
