@@ -87,7 +87,16 @@ def main() -> None:
     rows = []
     for steps in args.steps:
         for ckpt in (False, True):
-            cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--size", str(args.size)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--batch",
+                str(args.batch),
+                "--size",
+                str(args.size),
+            ]
             out = subprocess.run(cmd + ["--_one", f"{steps},{int(ckpt)}"], capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"model={args.model} batch={args.batch} size={args.size}px, full-chain backprop (grad_from=0), LoRA r=4")
@@ -95,7 +104,9 @@ def main() -> None:
     print("peak MB: growth of the process peak RSS during sampling + backward (includes allocator caching)")
     print(f"{'steps':>5} {'checkpoint':>10} {'graph MB':>9} {'peak MB':>9} {'seconds':>8}")
     for r in rows:
-        print(f"{r['steps']:>5} {str(r['checkpoint']):>10} {r['graph_mb']:>9} {r['peak_growth_mb']:>9} {r['seconds']:>8}")
+        print(
+            f"{r['steps']:>5} {str(r['checkpoint']):>10} {r['graph_mb']:>9} {r['peak_growth_mb']:>9} {r['seconds']:>8}"
+        )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="diffalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     from diffalign import __version__
 
     parser.add_argument("--version", action="version", version=f"diffalign {__version__}")

@@ -92,11 +92,15 @@ def load_pipeline(
     cls = StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
     try:
-        pipe = cls.from_pretrained(str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model, torch_dtype=dtype, **kwargs)
+        pipe = cls.from_pretrained(
+            str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model, torch_dtype=dtype, **kwargs
+        )
     except DiffalignError:
         raise
     except Exception as exc:
-        raise DiffalignError(f"could not load pipeline {model!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        raise DiffalignError(
+            f"could not load pipeline {model!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
@@ -107,7 +111,9 @@ def load_pipeline(
         try:
             import xformers  # noqa: F401
         except ImportError:
-            raise DiffalignError("attention=xformers needs xformers: pip install 'diffalign[gpu]', or use attention=sdpa") from None
+            raise DiffalignError(
+                "attention=xformers needs xformers: pip install 'diffalign[gpu]', or use attention=sdpa"
+            ) from None
         pipe.enable_xformers_memory_efficient_attention()
     elif attention != "sdpa":
         raise DiffalignError(f"unknown attention backend {attention!r}; use sdpa or xformers")
@@ -130,7 +136,12 @@ class Conditioning:
     added_uncond: dict[str, torch.Tensor] | None = None
 
     def denoiser_kwargs(self) -> dict:
-        return {"cond": self.cond, "uncond": self.uncond, "added_cond": self.added_cond, "added_uncond": self.added_uncond}
+        return {
+            "cond": self.cond,
+            "uncond": self.uncond,
+            "added_cond": self.added_cond,
+            "added_uncond": self.added_uncond,
+        }
 
 
 def default_size(pipe) -> tuple[int, int]:
@@ -160,7 +171,9 @@ def encode_prompts(pipe, prompts: list[str], negative_prompt: str | None = None,
     return Conditioning(cond, uncond if guidance else None, added, added_u)
 
 
-def initial_latents(pipe, batch: int, generator=None, height: int | None = None, width: int | None = None) -> torch.Tensor:
+def initial_latents(
+    pipe, batch: int, generator=None, height: int | None = None, width: int | None = None
+) -> torch.Tensor:
     """x_T drawn as the diffusers pipeline draws it (same generator -> same latents)."""
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -197,7 +210,11 @@ def _peft_config(settings: LoraSettings, targets: list[str]):
 
     init = True if settings.init == "default" else settings.init
     return LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets, init_lora_weights=init
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        init_lora_weights=init,
     )
 
 
@@ -268,7 +285,9 @@ def _lora_file(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     f = p / LORA_WEIGHT_NAME if p.is_dir() else p
     if not f.is_file():
-        raise DiffalignError(f"no LoRA weights at {path}: expected {LORA_WEIGHT_NAME} (written by diffalign or diffusers)")
+        raise DiffalignError(
+            f"no LoRA weights at {path}: expected {LORA_WEIGHT_NAME} (written by diffalign or diffusers)"
+        )
     return f
 
 
@@ -300,7 +319,9 @@ def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default", expe
     file = _lora_file(path)
     rank = lora_rank(path)
     if expect_rank is not None and rank != expect_rank:
-        raise DiffalignError(f"LoRA at {path} has rank {rank} but the config asks for rank {expect_rank}; set lora.rank={rank}")
+        raise DiffalignError(
+            f"LoRA at {path} has rank {rank} but the config asks for rank {expect_rank}; set lora.rank={rank}"
+        )
     with safe_open(str(file), "pt") as f:
         n_unet = sum(1 for k in f.keys() if k.startswith("unet.") and _is_down(k))
     try:
@@ -308,7 +329,9 @@ def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default", expe
     except (RuntimeError, ValueError, KeyError) as exc:
         lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
         first = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(exc).__name__)[:300]
-        raise DiffalignError(f"LoRA at {path} does not fit this base model (trained on another base or size?): {first}") from None
+        raise DiffalignError(
+            f"LoRA at {path} does not fit this base model (trained on another base or size?): {first}"
+        ) from None
     injected = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(f"lora_A.{adapter_name}"))
     if n_unet == 0 or injected < n_unet:
         raise DiffalignError(

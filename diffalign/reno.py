@@ -208,7 +208,9 @@ def build_rewards(
     from reward_models import get_reward
 
     if not rewards:
-        raise DiffalignError("reno needs at least one reward, e.g. --reward clip_score:model=ViT-B-32,pretrained=openai")
+        raise DiffalignError(
+            "reno needs at least one reward, e.g. --reward clip_score:model=ViT-B-32,pretrained=openai"
+        )
     rewards = list(rewards)
     _require_differentiable(rewards)
     built = [get_reward(r, device=device) if isinstance(r, str) else r for r in rewards]
@@ -247,7 +249,11 @@ def _conditioning(pipe, prompt: str, guidance: bool, size: tuple[int, int]):
     if family_of(pipe) == "sdxl" and size != default_size(pipe):
         # SDXL micro-conditioning: original and target size = the generated size (as diffusers does)
         time_ids = pipe._get_add_time_ids(
-            size, (0, 0), size, dtype=cond.cond.dtype, text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim
+            size,
+            (0, 0),
+            size,
+            dtype=cond.cond.dtype,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
         ).to(cond.cond.device)
         cond.added_cond["time_ids"] = time_ids
         if cond.added_uncond is not None:
@@ -285,7 +291,8 @@ def make_generator(pipe, prompt: str, cfg: RenoConfig) -> Callable[[torch.Tensor
     """``G(z) -> images [1, 3, H, W]`` in [0, 1], differentiable in ``z`` (spec §7.3).
 
     Trailing DDIM with ``cfg.num_steps`` steps (eta ``cfg.eta``; its noise fixed by ``cfg.seed``, i.e.
-    re-seeded every call), output = the last step's predicted x0, decoded by the VAE.
+    re-seeded every call) from ``x_T = s * z`` (``s`` from :func:`noise_scale`), output = the last
+    step's predicted x0, decoded by the VAE.
     """
     from diffalign.pipelines import decode, default_size
     from diffalign.sampling import make_denoiser, sample_differentiable
@@ -323,7 +330,9 @@ def _ensure_lora(pipe, lora: str | Path | None) -> None:
     if getattr(pipe, "_reno_lora", None) == key:
         return
     if getattr(pipe, "_reno_lora", None) is not None:
-        raise DiffalignError(f"this pipeline already carries the LoRA {pipe._reno_lora}; load a fresh pipeline for {lora}")
+        raise DiffalignError(
+            f"this pipeline already carries the LoRA {pipe._reno_lora}; load a fresh pipeline for {lora}"
+        )
     load_lora(pipe, lora)
     pipe._reno_lora = key
 
@@ -390,15 +399,18 @@ def reno(
             image = generate(z)
             # 2. reward losses l_i = -r_i and L_R = sum_i w_i l_i
             values = [r(image, [prompt]).reshape(-1)[0] for r in built]
-            loss_reward = sum((-w * v for w, v in zip(weights, values, strict=True)), torch.zeros((), device=image.device))
+            loss_reward = sum(
+                (-w * v for w, v in zip(weights, values, strict=True)), torch.zeros((), device=image.device)
+            )
             # 3. regularizer R(z) in fp32 (Eq. 5) and L = L_R + lambda R(z)
             reg = noise_regularizer(z).sum()
             loss = loss_reward + cfg.reg_weight * reg
             # 4. keep the image if L_R is the lowest so far (regularizer excluded, as ReNO selects)
             scores = {n: float(v.detach()) for n, v in zip(names, values, strict=True)}
+            lr_value = float(loss_reward.detach())
             img = image[0].detach().float().cpu()
-            if best is None or float(loss_reward) < best[0]:
-                best = (float(loss_reward), it, img, z.detach().clone(), scores)
+            if best is None or lr_value < best[0]:
+                best = (lr_value, it, img, z.detach().clone(), scores)
             if it == 0:
                 initial = img
             if it % cfg.strip_every == 0 or last:
@@ -419,9 +431,9 @@ def reno(
                 RenoRecord(
                     iter=it,
                     rewards=scores,
-                    loss_reward=float(loss_reward),
-                    reg=float(reg),
-                    loss=float(loss),
+                    loss_reward=lr_value,
+                    reg=float(reg.detach()),
+                    loss=float(loss.detach()),
                     grad_norm=grad_norm,
                     z_norm=float(z.detach().float().norm()),
                     seconds=time.perf_counter() - t0,
@@ -566,17 +578,29 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         metavar="NAME[:key=value,...][,weight=W]",
         help="a differentiable reward spec; repeat for several (weights via weight=W, default 1)",
     )
-    p.add_argument("--iters", type=int, default=d.iters, help=f"iterations (iters - 1 optimizer steps; default {d.iters})")
+    p.add_argument(
+        "--iters", type=int, default=d.iters, help=f"iterations (iters - 1 optimizer steps; default {d.iters})"
+    )
     p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate on the noise (default {d.lr:g})")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer, help="sgd (Nesterov, momentum 0.9) or adam")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm of z; 0 disables (default 0.1)")
-    p.add_argument("--reg-weight", type=float, default=d.reg_weight, help="lambda of the noise regularizer (default 0.01)")
-    p.add_argument("--steps", type=int, default=d.num_steps, help="sampling steps, trailing DDIM (default 1: Turbo models)")
+    p.add_argument(
+        "--optimizer", choices=("sgd", "adam"), default=d.optimizer, help="sgd (Nesterov, momentum 0.9) or adam"
+    )
+    p.add_argument(
+        "--grad-clip", type=float, default=d.grad_clip, help="max gradient norm of z; 0 disables (default 0.1)"
+    )
+    p.add_argument(
+        "--reg-weight", type=float, default=d.reg_weight, help="lambda of the noise regularizer (default 0.01)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=d.num_steps, help="sampling steps, trailing DDIM (default 1: Turbo models)"
+    )
     p.add_argument("--guidance", type=float, default=d.guidance_scale, help="CFG scale; <= 1 disables (default 0)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial noise (default 0)")
     p.add_argument("--strip-every", type=int, default=d.strip_every, help="strip.png shows every N-th iteration")
-    p.add_argument("--no-checkpoint", action="store_true", help="disable activation checkpointing (faster, more memory)")
+    p.add_argument(
+        "--no-checkpoint", action="store_true", help="disable activation checkpointing (faster, more memory)"
+    )
     p.add_argument("--lora", metavar="DIR", help="LoRA directory (diffusers format) applied to the model")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", help="model dtype: float32, float16 or bfloat16 (default float32)")

@@ -188,7 +188,10 @@ def make_denoiser(
         if added_cond is not None:
             kwargs = {k: torch.cat([added_uncond[k], added_cond[k]]) for k in added_cond}
         out = unet(
-            torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]), added_cond_kwargs=kwargs
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            encoder_hidden_states=torch.cat([uncond, cond]),
+            added_cond_kwargs=kwargs,
         ).sample
         e_u, e_c = out.chunk(2)
         return cfg_combine(e_u, e_c, guidance_scale, guidance_rescale)
@@ -232,7 +235,12 @@ TruncationMode = Literal["none", "fixed", "uniform", "gaussian"]
 
 
 def draw_truncation(
-    mode: TruncationMode, num_steps: int, k: int = 1, mean: float = 42.0, std: float = 5.0, rng: random.Random | None = None
+    mode: TruncationMode,
+    num_steps: int,
+    k: int = 1,
+    mean: float = 42.0,
+    std: float = 5.0,
+    rng: random.Random | None = None,
 ) -> int:
     """Index k* of the first sampling step that carries gradient (steps k* .. T-1 do).
 

@@ -91,9 +91,15 @@ def export(model: torch.nn.Module, out: Path) -> None:
 
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    cfg = {"model_cfg": MODEL_CFG, "preprocess_cfg": {"mean": list(MEAN), "std": list(STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
+    cfg = {
+        "model_cfg": MODEL_CFG,
+        "preprocess_cfg": {"mean": list(MEAN), "std": list(STD), "interpolation": "bicubic", "resize_mode": "shortest"},
+    }
     (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=1))
-    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(tmp / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
+        str(tmp / "open_clip_model.safetensors"),
+    )
     if out.exists():
         import shutil
 
@@ -139,7 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.save({"images": (images * 255).byte(), "idx": idx}, pool_path)
     pool = torch.load(pool_path, weights_only=False)
     specs = all_specs()
-    log(args.work, f"clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, from step {step} to {args.steps}")
+    log(
+        args.work,
+        f"clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, from step {step} to {args.steps}",
+    )
     t0 = time.time()
     while step < args.steps:
         sel = torch.randint(0, args.pool, (args.batch,), generator=g)
@@ -164,7 +173,13 @@ def main(argv: list[str] | None = None) -> None:
             log(args.work, f"clip step {step} loss {loss.item():.3f} acc {acc:.2f} {(time.time() - t0) / 50:.2f}s/step")
             t0 = time.time()
         if step % 250 == 0 or step == args.steps:
-            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "gen": g.get_state(), "rng": rng.getstate()}
+            state = {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "gen": g.get_state(),
+                "rng": rng.getstate(),
+            }
             tmp = ckpt.with_suffix(".tmp")
             torch.save(state, tmp)
             os.replace(tmp, ckpt)

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-
 from diffalign.shapes.data import random_specs, render_batch  # noqa: E402
 from diffalign.shapes.tokenizer import build_tokenizer_files  # noqa: E402
 
@@ -161,7 +160,9 @@ def train_vae(work: Path, steps: int, batch: int) -> None:
             log(work, f"vae step {step} loss {loss.item():.4f} kl {kl.item():.2f} {(time.time() - t0) / 50:.2f}s/step")
             t0 = time.time()
         if step % 200 == 0 or step == steps:
-            atomic_save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}, ckpt)
+            atomic_save(
+                {"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}, ckpt
+            )
 
 
 def load_vae(work: Path):
@@ -186,7 +187,9 @@ def build_data(work: Path, n: int) -> None:
     latents = torch.cat(latents)
     scaling = float(1.0 / latents.std())
     captions = [s.caption() for s in specs]
-    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids[0]
     atomic_save({"latents": latents * scaling, "ids": ids, "empty": empty, "scaling_factor": scaling}, path)
     log(work, f"data: {n} latents, scaling_factor {scaling:.4f}")
@@ -218,7 +221,10 @@ def train_unet(work: Path, steps: int, batch: int, lr: float) -> None:
         return
     sched = DDPMScheduler.from_config(make_scheduler().config)
     n_params = sum(p.numel() for p in unet.parameters()) / 1e6
-    log(work, f"unet: {n_params:.2f} M params, text {sum(p.numel() for p in text.parameters()) / 1e6:.2f} M, from step {step} to {steps}")
+    log(
+        work,
+        f"unet: {n_params:.2f} M params, text {sum(p.numel() for p in text.parameters()) / 1e6:.2f} M, from step {step} to {steps}",
+    )
     latents, ids, empty = data["latents"], data["ids"], data["empty"]
     t0 = time.time()
     while step < steps:
@@ -242,7 +248,7 @@ def train_unet(work: Path, steps: int, batch: int, lr: float) -> None:
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for m, e in ((unet, ema_unet), (text, ema_text)):
-                for p, q in zip(m.parameters(), e.parameters()):
+                for p, q in zip(m.parameters(), e.parameters(), strict=True):
                     q.lerp_(p, 1 - decay)
         if step % 50 == 0:
             log(work, f"unet step {step} loss {loss.item():.4f} {(time.time() - t0) / 50:.2f}s/step")
@@ -259,7 +265,10 @@ def train_unet(work: Path, steps: int, batch: int, lr: float) -> None:
             }
             atomic_save(state, ckpt)
             if step % 1000 == 0:
-                atomic_save({"ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(), "step": step}, work / f"ema_{step:06d}.pt")
+                atomic_save(
+                    {"ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(), "step": step},
+                    work / f"ema_{step:06d}.pt",
+                )
 
 
 # ---------------------------------------------------------------- stage 4: export
@@ -307,7 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--export", type=Path, default=None, help="pipeline directory to write at the end")
-    p.add_argument("--export-from", type=Path, default=None, help="an ema_*.pt snapshot to export instead of the latest")
+    p.add_argument(
+        "--export-from", type=Path, default=None, help="an ema_*.pt snapshot to export instead of the latest"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -31,12 +31,20 @@ def our_images(pipe, prompts=PROMPTS, seed=SEED):
         cond = encode_prompts(pipe, prompts)
         x = initial_latents(pipe, len(prompts), torch.Generator().manual_seed(seed))
         pipe.scheduler.set_timesteps(STEPS)
-        z, _ = sample_differentiable(make_denoiser(pipe.unet, guidance_scale=CFG, **cond.denoiser_kwargs()), pipe.scheduler, x, eta=0.0)
+        z, _ = sample_differentiable(
+            make_denoiser(pipe.unet, guidance_scale=CFG, **cond.denoiser_kwargs()), pipe.scheduler, x, eta=0.0
+        )
         return decode(pipe, z)
 
 
 def their_images(pipe, prompts=PROMPTS, seed=SEED):
-    out = pipe(prompts, num_inference_steps=STEPS, guidance_scale=CFG, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    out = pipe(
+        prompts,
+        num_inference_steps=STEPS,
+        guidance_scale=CFG,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    )
     return out.images
 
 
@@ -90,7 +98,9 @@ def test_gradients_reach_only_lora_parameters(sd_dir):
     cond = encode_prompts(pipe, PROMPTS)
     pipe.scheduler.set_timesteps(4)
     x = initial_latents(pipe, 2, torch.Generator().manual_seed(0))
-    z, _ = sample_differentiable(make_denoiser(pipe.unet, guidance_scale=CFG, **cond.denoiser_kwargs()), pipe.scheduler, x, grad_from=2)
+    z, _ = sample_differentiable(
+        make_denoiser(pipe.unet, guidance_scale=CFG, **cond.denoiser_kwargs()), pipe.scheduler, x, grad_from=2
+    )
     decode(pipe, z, differentiable=True).mean().backward()
     lora_ids = {id(p) for p in params}
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):

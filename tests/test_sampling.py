@@ -20,7 +20,14 @@ from diffalign.sampling import (
     sample_trajectory,
 )
 
-SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+SD = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 
 def sched(steps: int = 10, **kw) -> DDIMScheduler:
@@ -29,7 +36,9 @@ def sched(steps: int = 10, **kw) -> DDIMScheduler:
     return s
 
 
-@pytest.mark.parametrize("kw", [{}, {"set_alpha_to_one": True}, {"prediction_type": "v_prediction"}, {"clip_sample": True}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"set_alpha_to_one": True}, {"prediction_type": "v_prediction"}, {"clip_sample": True}]
+)
 def test_eta0_matches_diffusers_step(kw):
     s = sched(10, **kw)
     g = torch.Generator().manual_seed(0)
@@ -84,7 +93,9 @@ def test_logprob_closed_form_at_mean_and_finite_for_own_sample():
 def test_mean_vs_sum_reduction():
     x, mean = torch.randn(2, 3, 4, 5, 6).unbind(0)
     std = torch.full((3, 1, 1, 1), 0.7)
-    assert torch.allclose(gaussian_log_prob(x, mean, std, "sum"), gaussian_log_prob(x, mean, std, "mean") * 4 * 5 * 6, atol=1e-4)
+    assert torch.allclose(
+        gaussian_log_prob(x, mean, std, "sum"), gaussian_log_prob(x, mean, std, "mean") * 4 * 5 * 6, atol=1e-4
+    )
 
 
 def test_eta1_variance_is_ddpm_posterior_variance():
@@ -103,7 +114,12 @@ def test_per_sample_timesteps_broadcast():
     x, m, prev = torch.randn(3, 3, 4, 4, 4).unbind(0)
     ts = s.timesteps[[0, 4, 9]]
     batched = ddim_step(s, m, ts, x, eta=1.0, prev_sample=prev).log_prob
-    single = torch.cat([ddim_step(s, m[i : i + 1], int(ts[i]), x[i : i + 1], eta=1.0, prev_sample=prev[i : i + 1]).log_prob for i in range(3)])
+    single = torch.cat(
+        [
+            ddim_step(s, m[i : i + 1], int(ts[i]), x[i : i + 1], eta=1.0, prev_sample=prev[i : i + 1]).log_prob
+            for i in range(3)
+        ]
+    )
     assert torch.allclose(batched, single, atol=1e-6)
 
 

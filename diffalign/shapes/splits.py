@@ -44,7 +44,9 @@ def _is_heldout(spec: SceneSpec) -> bool:
     if len(spec.groups) == 2:
         return _hash(spec.caption()) % 100 < HELDOUT_PAIR_PERCENT
     if spec.groups[0].count == 2:
-        twos = sorted((s for s in all_specs() if len(s.groups) == 1 and s.groups[0].count == 2), key=lambda s: _hash(s.caption()))
+        twos = sorted(
+            (s for s in all_specs() if len(s.groups) == 1 and s.groups[0].count == 2), key=lambda s: _hash(s.caption())
+        )
         return spec in twos[:HELDOUT_TWOS]
     return False
 

@@ -29,7 +29,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def _bpe_pieces(word: str, ranks: dict[tuple[str, str], int]) -> set[str]:
@@ -37,7 +37,7 @@ def _bpe_pieces(word: str, ranks: dict[tuple[str, str], int]) -> set[str]:
     parts = list(word[:-1]) + [word[-1] + "</w>"]
     created = set()
     while len(parts) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break

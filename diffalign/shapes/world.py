@@ -140,7 +140,10 @@ def _place(n: int, rng: np.random.Generator, image_size: int) -> list[tuple[int,
                 x0 = int(rng.integers(2, image_size - size - 1))
                 y0 = int(rng.integers(2, image_size - size - 1))
                 if all(
-                    x0 + size + MIN_GAP <= bx or bx + bs + MIN_GAP <= x0 or y0 + size + MIN_GAP <= by or by + bs + MIN_GAP <= y0
+                    x0 + size + MIN_GAP <= bx
+                    or bx + bs + MIN_GAP <= x0
+                    or y0 + size + MIN_GAP <= by
+                    or by + bs + MIN_GAP <= y0
                     for bx, by, bs in boxes
                 ):
                     boxes.append((x0, y0, size))
@@ -152,7 +155,9 @@ def _place(n: int, rng: np.random.Generator, image_size: int) -> list[tuple[int,
     raise DiffalignError(f"could not place {n} objects in a {image_size}px image")  # pragma: no cover
 
 
-def render(spec: SceneSpec, rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Placement]]:
+def render(
+    spec: SceneSpec, rng: np.random.Generator, image_size: int = IMAGE_SIZE
+) -> tuple[np.ndarray, list[Placement]]:
     """Draw ``spec`` as an ``image_size`` square uint8 RGB array; anti-aliased by supersampling.
 
     Object order, sizes and positions come from ``rng`` only, so a seed fixes the image.
@@ -164,7 +169,7 @@ def render(spec: SceneSpec, rng: np.random.Generator, image_size: int = IMAGE_SI
     canvas = Image.new("RGB", (image_size * s, image_size * s), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     placements = []
-    for idx, (x0, y0, size) in zip(order, boxes):
+    for idx, (x0, y0, size) in zip(order, boxes, strict=True):
         color, shape = objects[int(idx)]
         fill = COLORS[color]
         box = (x0 * s, y0 * s, (x0 + size) * s - 1, (y0 + size) * s - 1)
