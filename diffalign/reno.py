@@ -2,7 +2,8 @@
 
 No weights are trained. For one prompt, the initial noise ``z`` of a frozen one-step (or few-step)
 generator ``G`` is optimized so that the generated image scores higher under differentiable rewards,
-while a regularizer keeps ``z`` on the typical set of a standard Gaussian (paper Eq. 4-5, spec §7):
+while the paper's noise regularization keeps ``z`` on the typical set of a standard Gaussian
+(spec §7.1-7.2):
 
     z* = argmin_z  L_R(G(z, c), c) + lambda * R(z)
     L_R = sum_i w_i * l_i,         l_i = -r_i(G(z, c), c)                      (reward losses)
@@ -20,8 +21,9 @@ the selection), then, except on the last iteration, backpropagate ``L = L_R + la
 The generator ``G``: a DDIM sampler (eta = 0) with ``timestep_spacing="trailing"`` built from the
 pipeline's own scheduler config, run with :func:`diffalign.sampling.sample_differentiable`, whose
 output is the clean-image prediction ``x0_hat`` of the last step, decoded by the VAE. With one step
-from ``t = 999`` this is exactly the SD-Turbo / SDXL-Turbo one-step image (their Euler-ancestral
-scheduler, trailing spacing, predicts ``x0_hat`` from ``sigma_max`` and lands on sigma 0); with a
+from ``t = 999`` this is exactly the SD-Turbo / SDXL-Turbo one-step image of diffusers (their
+Euler-ancestral scheduler, trailing spacing, predicts ``x0_hat`` from ``sigma_max`` and lands on
+sigma 0; ``x_T`` is scaled as that scheduler scales it, see :func:`noise_scale`); with a
 few steps it is the deterministic few-step sampler of the same model. Every UNet call is wrapped in
 activation checkpointing (``checkpoint=True``) so that 4 steps cost about the memory of 1.
 
@@ -52,10 +54,11 @@ from diffalign.errors import DiffalignError
 EPILOG = """example:
   diffalign reno --model stabilityai/sd-turbo --device cuda --dtype float16 \\
       --prompt "a photo of a red cube on top of a blue sphere" \\
-      --reward clip_score:model=ViT-B-32,pretrained=openai,weight=1 --reward aesthetic,weight=0.1 \\
+      --reward clip_score:model=ViT-B-32,pretrained=openai,weight=1 --reward hps:weight=5 \\
       --iters 50 --lr 5 --out outputs/reno
 
-  diffalign reno --model assets/shapes-sd --prompts prompts.txt --reward shapes_clip --steps 4 --out outputs/reno
+  diffalign reno --model assets/shapes-sd --prompts prompts.txt --reward shapes_clip --steps 4 --guidance 5 \\
+      --out outputs/reno
 
 outputs, per prompt in OUT/<index>_<slug>/: best.png (lowest reward loss), final.png, initial.png,
 strip.png (every --strip-every iterations), rewards.jsonl (one line per iteration); and
@@ -65,7 +68,7 @@ can be optimized; see reward_models/README.md for the rewards and their options.
 
 # ------------------------------------------------------------------------------------------- regularizer
 def noise_regularizer(z: torch.Tensor) -> torch.Tensor:
-    """ReNO's noise-norm regularizer per sample (paper Eq. 5; spec §7.2), in float32.
+    """ReNO's noise regularization term per sample (the chi-distribution norm prior; spec §7.2), in float32.
 
     ``R(z) = 0.5 * ||z||^2 - (d - 1) * log ||z||`` with ``d`` the number of elements of one sample
     and ``||.||`` the L2 norm over all of them: the negative log-density of the norm of a
@@ -145,7 +148,7 @@ class RenoRecord:
     reg: float  # R(z), unweighted
     loss: float  # L_R + lambda R(z)
     grad_norm: float | None  # ||dL/dz|| before clipping; None on the last iteration (no step)
-    z_norm: float
+    z_norm: float  # ||z|| of the noise that generated this iteration's image
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
@@ -348,7 +351,7 @@ def reno(
     latents: torch.Tensor | None = None,
     progress: bool = False,
 ) -> RenoResult:
-    """Optimize the initial noise of ``pipe`` for ``prompt`` against ``rewards`` (ReNO, Algorithm 1).
+    """Optimize the initial noise of ``pipe`` for ``prompt`` against ``rewards`` (ReNO's loop, spec §7.2).
 
     Args:
         pipe: a diffusers SD / SDXL pipeline (e.g. from :func:`diffalign.pipelines.load_pipeline`);
@@ -395,6 +398,7 @@ def reno(
         for it in range(cfg.iters):
             t0 = time.perf_counter()
             last = it == cfg.iters - 1
+            z_norm = float(z.detach().float().norm())
             # 1. image from the current noise (gradients reach z only: weights are frozen or not asked for)
             image = generate(z)
             # 2. reward losses l_i = -r_i and L_R = sum_i w_i l_i
@@ -402,7 +406,7 @@ def reno(
             loss_reward = sum(
                 (-w * v for w, v in zip(weights, values, strict=True)), torch.zeros((), device=image.device)
             )
-            # 3. regularizer R(z) in fp32 (Eq. 5) and L = L_R + lambda R(z)
+            # 3. regularizer R(z) in fp32 (spec §7.2) and L = L_R + lambda R(z)
             reg = noise_regularizer(z).sum()
             loss = loss_reward + cfg.reg_weight * reg
             # 4. keep the image if L_R is the lowest so far (regularizer excluded, as ReNO selects)
@@ -435,7 +439,7 @@ def reno(
                     reg=float(reg.detach()),
                     loss=float(loss.detach()),
                     grad_norm=grad_norm,
-                    z_norm=float(z.detach().float().norm()),
+                    z_norm=z_norm,
                     seconds=time.perf_counter() - t0,
                 )
             )
@@ -575,7 +579,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--reward",
         action="append",
         required=True,
-        metavar="NAME[:key=value,...][,weight=W]",
+        metavar="NAME[:key=value,...,weight=W]",
         help="a differentiable reward spec; repeat for several (weights via weight=W, default 1)",
     )
     p.add_argument(
