@@ -93,6 +93,14 @@ def ddim_step(
         raise DiffalignError("call scheduler.set_timesteps(num_steps) before ddim_step")
     cfg = scheduler.config
     batch = sample.shape[0]
+    # 0. fp16 / bf16 inputs: compute in float32 (1 - alpha_bar rounds to 0 near t = 0 in half precision),
+    #    round x_{t-1} to the input dtype before scoring it, return x_{t-1} in that dtype
+    out_dtype = sample.dtype
+    model_output_in = model_output
+    if out_dtype in (torch.float16, torch.bfloat16):
+        model_output, sample = model_output.float(), sample.float()
+        prev_sample = None if prev_sample is None else prev_sample.float()
+        noise = None if noise is None else noise.float()
     t = torch.as_tensor(timestep, device="cpu").long().reshape(-1).expand(batch)
     # 1. previous grid timestep t' = t - N_train / T
     prev_t = t - cfg.num_train_timesteps // scheduler.num_inference_steps
@@ -114,13 +122,14 @@ def ddim_step(
     # 6. draw x_{t-1} unless given
     if prev_sample is None:
         if eta > 0:
-            z = noise if noise is not None else _randn(model_output.shape, generator, model_output)
+            z = noise if noise is not None else _randn(model_output.shape, generator, model_output_in).float()
             prev_sample = mean + std * z
         else:
             prev_sample = mean
+        prev_sample = prev_sample.to(out_dtype).to(mean.dtype)  # no-op in float32
     # 7. Gaussian log-density of sg(x_{t-1}); only mean carries gradient (spec §1.2 item 6)
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, logprob_reduction)
-    return StepOutput(prev_sample, log_prob, mean, std, x0)
+    return StepOutput(prev_sample.to(out_dtype), log_prob, mean, std, x0)
 
 
 def gaussian_log_prob(

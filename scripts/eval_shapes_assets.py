@@ -36,7 +36,11 @@ def generate(pipe, prompts: list[str], seed: int, steps: int, cfg: float, batch:
     out = []
     for i in range(0, len(prompts), batch):
         gen = torch.Generator().manual_seed(seed + i)
-        out.append(pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=cfg, generator=gen, output_type="pt").images)
+        out.append(
+            pipe(
+                prompts[i : i + batch], num_inference_steps=steps, guidance_scale=cfg, generator=gen, output_type="pt"
+            ).images
+        )
     return torch.cat(out)
 
 

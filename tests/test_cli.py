@@ -12,7 +12,24 @@ from diffalign.cli import main
 
 def test_sample_writes_images_and_grid(sd_dir, tmp_path):
     out = tmp_path / "samples"
-    assert main(["sample", "--model", str(sd_dir), "--prompt", "a red circle", "--n", "3", "--steps", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(sd_dir),
+                "--prompt",
+                "a red circle",
+                "--n",
+                "3",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert len(list(out.glob("0000*_a-red-circle.png"))) == 3
     assert (out / "grid.png").is_file()
 
@@ -40,6 +57,8 @@ def test_empty_prompt_file(tmp_path, capsys):
 
 
 def test_module_entry_point_and_help():
-    out = subprocess.run([sys.executable, "-m", "diffalign", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "diffalign", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in ("sample", "score", "reno"):
         assert command in out

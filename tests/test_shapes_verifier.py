@@ -239,3 +239,16 @@ def test_module_import_does_not_import_torch():
     code = "import sys, diffalign.shapes.verifier; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_never_crashes_on_generated_like_images():
+    """Smooth random color fields (what an untrained generator emits) give verdicts, not exceptions."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (4, 8, 16):
+        low = torch.rand(16, 3, 64 // scale, 64 // scale, generator=g)
+        images = F.interpolate(low, size=64, mode="bilinear", align_corners=False).clamp(0, 1)
+        verdicts = verify_batch(images, ["a red circle and a blue square"] * 16)
+        assert len(verdicts) == 16 and all(0.0 <= v.score <= 1.0 for v in verdicts)

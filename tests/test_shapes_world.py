@@ -31,12 +31,22 @@ def test_objects_do_not_overlap():
         spec = SceneSpec.from_objects([("red", "circle")] * 3)
         _, placed = render(spec, np.random.default_rng(i))
         for p, q in combinations(placed, 2):
-            assert p.x0 + p.size + 3 <= q.x0 or q.x0 + q.size + 3 <= p.x0 or p.y0 + p.size + 3 <= q.y0 or q.y0 + q.size + 3 <= p.y0
+            assert (
+                p.x0 + p.size + 3 <= q.x0
+                or q.x0 + q.size + 3 <= p.x0
+                or p.y0 + p.size + 3 <= q.y0
+                or q.y0 + q.size + 3 <= p.y0
+            )
 
 
 @pytest.mark.parametrize(
     "caption",
-    ["a red circle", "two red circles", "a blue square and a yellow triangle", "a red circle, a green square and a blue triangle"],
+    [
+        "a red circle",
+        "two red circles",
+        "a blue square and a yellow triangle",
+        "a red circle, a green square and a blue triangle",
+    ],
 )
 def test_caption_round_trip(caption):
     assert parse_caption(caption).caption() == caption

@@ -205,8 +205,12 @@ def detect(image: Any) -> tuple[list[Detection], float]:
         # median residual does not.
         med_resid = np.asarray(ndimage.median(resid[:, :, k], lab, index=idx))
         for i in np.flatnonzero((sizes >= min_area) & (med_resid <= COMPONENT_RESIDUAL_MAX)):
+            # a filled hole may cover an object of another color found earlier: keep what is left
+            free = (lab == i + 1) & (comps == 0)
+            if free.sum() < min_area:
+                continue
             comp_color.append(k)
-            comps[(lab == i + 1) & (comps == 0)] = len(comp_color)
+            comps[free] = len(comp_color)
 
     detections: list[Detection] = []
     if comp_color:
@@ -222,6 +226,7 @@ def detect(image: Any) -> tuple[list[Detection], float]:
             height = float(wgt.max(1).sum())
             rows = wgt.sum(1)
             yy = np.arange(h, dtype=np.float64)
+            area_soft = max(area_soft, 1e-9)
             mu = float((rows * yy).sum() / area_soft)
             var = float((rows * (yy - mu) ** 2).sum() / area_soft)
             skew = float((rows * (yy - mu) ** 3).sum() / area_soft / max(var, 1e-9) ** 1.5)

@@ -1,0 +1,474 @@
+"""The run configuration: typed nested dataclasses, YAML files, dotted overrides, validation.
+
+    cfg = DiffalignConfig.from_yaml("configs/shapes/alignprop.yaml", overrides=["train.lr=1e-3"])
+
+Sections: ``model``, ``sample``, ``train``, ``reward``, ``prompts``, ``eval``, ``checkpoint``, ``log``,
+and one per method family (``alignprop``, ``draft``, ``refl``, ``ddpo``; the dataclasses live in
+``diffalign/methods/``). A key missing from the YAML keeps its default. Overrides are
+``section.key=value`` parsed by the field's type (``eval.seeds=[0,1,2]``, ``sample.negative_prompt=none``).
+Every problem a user can cause (unknown key, wrong type, bad combination, missing prompt file,
+unknown or non-differentiable reward) is a one-line :class:`DiffalignError` naming the fix, raised
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from diffalign.errors import DiffalignError
+from diffalign.methods.ddpo import DDPOConfig
+from diffalign.methods.reward_backprop import AlignPropConfig, DraftConfig, ReFLConfig
+from diffalign.pipelines import LoraSettings
+
+MethodName = Literal["alignprop", "draft_k", "draft_lv", "refl", "ddpo"]
+BACKPROP_METHODS = ("alignprop", "draft_k", "draft_lv", "refl")
+
+
+@dataclass
+class ModelConfig:
+    """The base pipeline and the LoRA trained on it."""
+
+    pretrained: str = "assets/shapes-sd"  # hub id or diffusers pipeline directory (SD 1.x/2.x, SDXL)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # frozen weights; auto follows mixed precision
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: accelerate picks (a GPU if any, one per process)
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    gradient_checkpointing: bool = True  # checkpoint every UNet call with gradient (reward backprop)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class SampleConfig:
+    """The sampler used for training rollouts (DDIM with eta; spec §1)."""
+
+    steps: int = 20  # DDIM steps T
+    eta: float = 1.0  # DDIM noise (1.0 = DDPM-like variance; DDPO needs > 0)
+    guidance_scale: float = 5.0  # classifier-free guidance w (1.0 = none)
+    guidance_rescale: float = 0.0  # phi of arXiv 2305.08891
+    batch_size: int = 8  # prompts per sampling batch, per process
+    num_batches: int = 1  # DDPO: sampling batches per step (epoch); reward backprop: must be 1
+    negative_prompt: str | None = None  # none = the pipeline's default unconditional prompt
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.num_batches < 1:
+            raise DiffalignError("sample.steps, sample.batch_size and sample.num_batches must be >= 1")
+        if self.eta < 0:
+            raise DiffalignError(f"sample.eta must be >= 0, got {self.eta}")
+        if self.guidance_scale < 1.0:
+            raise DiffalignError(f"sample.guidance_scale must be >= 1 (1 = no guidance), got {self.guidance_scale}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimization: AdamW on the LoRA parameters only."""
+
+    method: MethodName = "alignprop"
+    steps: int = 100  # training steps; reward backprop: one optimizer update each; DDPO: one sampling epoch each
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # clip the global gradient norm (0 = no clipping)
+    gradient_accumulation_steps: int = 1  # reward backprop: micro-batches per update; DDPO: minibatches per update
+    lr_schedule: Literal["constant", "warmup"] = "constant"  # warmup: linear from 0 over warmup_steps updates
+    warmup_steps: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise DiffalignError(f"train.steps must be >= 1, got {self.steps}")
+        if self.lr <= 0:
+            raise DiffalignError(f"train.lr must be > 0, got {self.lr}")
+        if self.gradient_accumulation_steps < 1:
+            raise DiffalignError("train.gradient_accumulation_steps must be >= 1")
+        if self.max_grad_norm < 0 or self.warmup_steps < 0:
+            raise DiffalignError("train.max_grad_norm and train.warmup_steps must be >= 0")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise DiffalignError("train.adam_beta1 and train.adam_beta2 must be in [0, 1)")
+
+
+@dataclass
+class RewardConfig:
+    """Training rewards (specs of ``reward_models``) and how they combine."""
+
+    rewards: list[str] = field(default_factory=lambda: ["shapes_clip"])  # NAME[:k=v,...] or pkg.module:Class
+    weights: list[float] | None = None  # one per reward; none = each spec's weight= (default 1)
+    combine: Literal["weighted"] = "weighted"  # r = sum_i w_i r_i (diffalign.combine.weighted_sum)
+
+    def __post_init__(self) -> None:
+        if not self.rewards:
+            raise DiffalignError("reward.rewards is empty; name at least one reward, e.g. reward.rewards=[shapes_clip]")
+
+
+@dataclass
+class PromptConfig:
+    """Where prompts come from: ``shapes:train``/``shapes:heldout``, a text file (one per line), or a list."""
+
+    train: str | list[str] = "shapes:train"
+    eval: str | list[str] = "shapes:heldout"
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation with fixed seeds (also at step 0 and at the end), gold and the hacking guardrail."""
+
+    every: int = 25  # steps between evaluations (0 = only before and after training)
+    num_prompts: int = 32  # eval prompts used (0 = all)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # one image per prompt and seed
+    batch_size: int = 16
+    eta: float | None = None  # none = sample.eta
+    gold: Literal["auto", "on", "off"] = "auto"  # shapes verifier; auto = on when every eval prompt is a shapes caption
+    rewards: list[str] = field(default_factory=list)  # held-out rewards scored but never trained on
+    hacking_threshold: float = 0.05  # guardrail: gold (or first held-out reward) drop that flags hacking
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.num_prompts < 0:
+            raise DiffalignError("eval.every and eval.num_prompts must be >= 0")
+        if not self.seeds or self.batch_size < 1:
+            raise DiffalignError("eval.seeds must list at least one seed and eval.batch_size be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints in OUTPUT_DIR/checkpoints/step_N (resume with --resume latest)."""
+
+    output_dir: str = "runs/diffalign"
+    every: int = 50  # steps between checkpoints (0 = only at the end)
+    keep: int = 2  # most recent checkpoints kept
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise DiffalignError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+
+
+@dataclass
+class LogConfig:
+    """metrics.jsonl is always written; trackers and sample grids are optional."""
+
+    trackers: list[str] = field(default_factory=list)  # tensorboard and/or wandb (through accelerate)
+    project: str = "diffalign"
+    sample_every: int = 0  # save samples/step_N.png every N steps (0 = never)
+    progress: bool = True  # tqdm bar with the live reward
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
+        if bad:
+            raise DiffalignError(f"log.trackers: unknown tracker {bad[0]!r}; use tensorboard or wandb")
+        if self.sample_every < 0:
+            raise DiffalignError("log.sample_every must be >= 0")
+
+
+@dataclass
+class DiffalignConfig:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    alignprop: AlignPropConfig = field(default_factory=AlignPropConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    refl: ReFLConfig = field(default_factory=ReFLConfig)
+    ddpo: DDPOConfig = field(default_factory=DDPOConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # ------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, overrides: list[str] | None = None) -> DiffalignConfig:
+        data = dict(data or {})
+        for item in overrides or []:
+            key, value = parse_override(item)
+            _set_path(data, key, _Raw(value))
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> DiffalignConfig:
+        """Load ``path`` and apply ``overrides`` (``section.key=value``)."""
+        file = Path(path)
+        if not file.is_file():
+            raise DiffalignError(f"config file {str(path)!r} does not exist; see configs/shapes/*.yaml for examples")
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise DiffalignError(f"config file {path}{where}: invalid YAML ({problem})") from None
+        if data is not None and not isinstance(data, dict):
+            raise DiffalignError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
+        return cls.from_dict(data, overrides)
+
+    # ----------------------------------------------------------------------------- writing
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data; method sections other than the active method's are left out."""
+        from diffalign.methods import METHODS, method_section
+
+        active = method_section(self.train.method)
+        skip = {s for _, s in METHODS.values()} - {active}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def save_yaml(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        return path
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.001, ...}`` with lists as strings (for experiment trackers)."""
+        out: dict[str, Any] = {}
+
+        def walk(d: dict[str, Any], prefix: str) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(v, f"{prefix}{k}.")
+                else:
+                    out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+        walk(self.to_dict(), "")
+        return out
+
+
+# ------------------------------------------------------------------------------------ validation
+def validate(cfg: DiffalignConfig) -> None:
+    """Cross-section checks; each message names the fix. Loads no model."""
+    from diffalign.combine import check_weights
+    from diffalign.prompts import load_prompts
+    from reward_models import RewardSpec, require_differentiable
+    from reward_models.registry import reward_class
+
+    method, s = cfg.train.method, cfg.sample
+    specs = [RewardSpec.parse(r) for r in cfg.reward.rewards]
+    for spec in specs + [RewardSpec.parse(r) for r in cfg.eval.rewards]:
+        reward_class(spec.name)  # unknown reward: one line with the closest name
+    if cfg.reward.weights is not None:
+        if any(spec.raw.get("weight") is not None for spec in specs):
+            raise DiffalignError("give reward weights either in the specs (weight=W) or in reward.weights, not both")
+        check_weights([str(sp) for sp in specs], cfg.reward.weights)
+    if method in BACKPROP_METHODS:
+        require_differentiable(specs, method)
+        if s.num_batches != 1:
+            raise DiffalignError(
+                f"sample.num_batches is for ddpo; {method} takes train.gradient_accumulation_steps micro-batches "
+                "per update: set sample.num_batches=1"
+            )
+    if method == "alignprop" and cfg.alignprop.truncation == "fixed" and cfg.alignprop.k > s.steps:
+        raise DiffalignError(f"alignprop.k={cfg.alignprop.k} exceeds sample.steps={s.steps}; lower alignprop.k")
+    if method == "alignprop" and cfg.alignprop.truncation in ("uniform", "gaussian") and s.steps < 2:
+        raise DiffalignError("alignprop's random truncation needs sample.steps >= 2; use alignprop.truncation=fixed")
+    if method == "draft_k" and cfg.draft.k > s.steps:
+        raise DiffalignError(f"draft.k={cfg.draft.k} exceeds sample.steps={s.steps}; lower draft.k")
+    if method == "ddpo":
+        d = cfg.ddpo
+        if s.eta <= 0:
+            raise DiffalignError("ddpo needs sample.eta > 0 (log-probs are undefined for eta = 0); set sample.eta=1.0")
+        per_step = s.batch_size * s.num_batches
+        if per_step % d.train_batch_size:
+            raise DiffalignError(
+                f"ddpo: samples per step per process (sample.batch_size x sample.num_batches = {per_step}) must be "
+                f"divisible by ddpo.train_batch_size ({d.train_batch_size})"
+            )
+        minibatches = per_step // d.train_batch_size
+        if minibatches % cfg.train.gradient_accumulation_steps:
+            raise DiffalignError(
+                f"ddpo: {minibatches} minibatches per inner epoch is not divisible by "
+                f"train.gradient_accumulation_steps ({cfg.train.gradient_accumulation_steps}); an update would be lost"
+            )
+        if not d.cfg and s.guidance_scale != 1.0:
+            raise DiffalignError(
+                "ddpo.cfg=false recomputes log-probs without the guidance used for sampling, so ratios are not 1 "
+                "at theta_old; set ddpo.cfg=true or sample.guidance_scale=1"
+            )
+    if cfg.train.mixed_precision == "fp16" and cfg.model.device == "cpu":
+        raise DiffalignError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+    load_prompts(cfg.prompts.train, "prompts.train")
+    eval_prompts = load_prompts(cfg.prompts.eval, "prompts.eval")
+    if cfg.eval.gold == "on":
+        from diffalign.prompts import non_shapes_prompt
+
+        bad = non_shapes_prompt(eval_prompts)
+        if bad is not None:
+            raise DiffalignError(
+                f"eval.gold=on needs shapes captions as eval prompts, but {bad!r} is not one; set eval.gold=auto or off"
+            )
+
+
+# ---------------------------------------------------------------------------------- type coercion
+class _Raw(str):
+    """An override's value as typed on the command line (parsed by the field's type)."""
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    key, eq, value = item.partition("=")
+    if not eq or not key.strip():
+        raise DiffalignError(f"override {item!r} must be written section.key=value, e.g. train.lr=1e-3")
+    return key.strip(), value.strip()
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    known = leaf_keys(DiffalignConfig)
+    if key not in known:
+        under = [k for k in known if k.startswith(key + ".")]
+        if under:
+            raise DiffalignError(f"config key '{key}' is a section; set one of its keys, e.g. {under[0]}=VALUE")
+        raise _unknown_key(key)
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a config dataclass."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += leaf_keys(hint, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _unknown_key(key: str) -> DiffalignError:
+    known = leaf_keys(DiffalignConfig)
+    sections = sorted({k.split(".")[0] for k in known})
+    close = difflib.get_close_matches(key, known + sections, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; sections are {', '.join(sections)}"
+    return DiffalignError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise DiffalignError(f"config key '{prefix.rstrip('.')}' is a section: give a mapping of its keys")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise _unknown_key(f"{prefix}{key}")
+    kwargs = {name: _coerce(prefix + name, data[name], hints[name]) for name in names if name in data}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - all fields are keyword arguments
+        raise DiffalignError(f"config section '{prefix.rstrip('.')}': {err}") from None
+
+
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else _describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    raw = isinstance(value, _Raw)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def wrong() -> DiffalignError:
+        shown = str(value) if raw else repr(value)
+        return DiffalignError(f"config key '{key}' expects {_describe(hint)}, got {shown}")
+
+    if dataclasses.is_dataclass(hint):
+        if raw:
+            raise DiffalignError(f"config key '{key}' is a section; set one of its keys, e.g. {key}.<name>=VALUE")
+        return _build(hint, value, key + ".")
+    if hint is Any:
+        return str(value) if raw else value
+    if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((w for w in words if w in args), value)
+        for choice in args:
+            if value == choice or str(value) == str(choice):
+                return choice
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.6)
+        hint_txt = f"; did you mean '{close[0]}'?" if close else ""
+        raise DiffalignError(f"config key '{key}' must be one of {', '.join(map(str, args))}, got {value!r}{hint_txt}")
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or (raw and value.lower() in ("none", "null", "~"))):
+            return None
+        # a list-typed arm first for lists ("[...]" on the command line), scalar arms first otherwise
+        is_list = isinstance(value, list) or (raw and value.strip().startswith("["))
+        arms = [a for a in args if a is not type(None)]
+        for arm in sorted(arms, key=lambda a: (typing.get_origin(a) is list) != is_list):
+            try:
+                return _coerce(key, value, arm)
+            except DiffalignError:
+                continue
+        raise wrong()
+    if origin is list:
+        if raw:
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = yaml.safe_load(text)
+                except yaml.YAMLError:
+                    raise wrong() from None
+                if not isinstance(value, list):
+                    raise wrong()
+            else:
+                return [] if not text else [_coerce(f"{key}[0]", _Raw(text), args[0])]
+        if not isinstance(value, list):
+            raise wrong()
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if raw:
+            low = value.lower()
+            if low in ("true", "yes", "on", "1"):
+                return True
+            if low in ("false", "no", "off", "0"):
+                return False
+            raise wrong()
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if hint is int:
+        if raw and _INT.match(value.strip()):
+            return int(value)
+        if not raw and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong()
+    if hint is float:
+        if isinstance(value, bool):
+            raise wrong()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # overrides, and YAML's "1e-3" (a string in YAML 1.1)
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong() from None
+        raise wrong()
+    if hint is str:
+        if isinstance(value, str):
+            return str(value)
+        raise wrong()
+    raise wrong()  # pragma: no cover - a field type this loader does not know

@@ -1,0 +1,146 @@
+"""Held-out evaluation with fixed seeds: proxy rewards, held-out rewards, gold, diversity, a hacking guardrail.
+
+Every evaluation generates one image per (eval prompt, seed) from the same initial noise and sampler
+noise each time (a CPU generator per image seeded by seed and prompt index), so records of different
+steps compare the same draws (spec §10: "keep a fixed eval prompt set and fixed seeds"). A record in
+``eval.jsonl`` holds:
+
+- ``reward`` and ``reward/<name>``: the training rewards (proxy) on the eval images;
+- ``heldout/<name>``: the rewards of ``eval.rewards``, never trained on;
+- ``gold/accuracy``, ``gold/score``, ``gold/count_acc``, ... : the shapes verifier
+  (:func:`diffalign.shapes.verifier.gold_accuracy`), when the eval prompts are shapes captions;
+- ``diversity``: mean over prompts of the mean pairwise RMS pixel distance between the images of
+  one prompt across seeds (0 = identical images for every seed: mode collapse). Cheap and model-free;
+  it measures pixel-space spread, not perceptual (LPIPS) distance;
+- ``hacking``: true when the proxy ``reward`` rose since the first evaluation while the guard metric
+  (``gold/score``, else the first held-out reward) fell by more than ``eval.hacking_threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from diffalign.errors import DiffalignError
+from diffalign.sampling import sample_differentiable
+
+if TYPE_CHECKING:
+    from diffalign.config import EvalConfig, SampleConfig
+
+
+def pairwise_rms(images: torch.Tensor) -> float:
+    """Mean over pairs i < j of the RMS difference between images ``[n, 3, H, W]`` (0 for n < 2)."""
+    n = images.shape[0]
+    if n < 2:
+        return 0.0
+    flat = images.reshape(n, -1).double()
+    d = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
+    return float(d.sum() / (n * (n - 1)))
+
+
+def guard(first: dict[str, Any], record: dict[str, Any], metric: str | None, threshold: float) -> dict[str, Any]:
+    """The guardrail fields of ``record`` against ``first`` (see module docstring)."""
+    if metric is None or metric not in record or metric not in first:
+        return {"hacking": False, "guard/metric": None}
+    rise = record["reward"] - first["reward"]
+    drop = first[metric] - record[metric]
+    return {
+        "hacking": bool(rise > 0 and drop > threshold),
+        "guard/metric": metric,
+        "guard/reward_rise": rise,
+        "guard/drop": drop,
+    }
+
+
+class Evaluator:
+    """Runs evaluations through the trainer's rollout; remembers the first record for the guardrail."""
+
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        sample: SampleConfig,
+        prompts: list[str],
+        heldout: dict[str, Any],
+        gold: bool,
+    ) -> None:
+        self.cfg, self.sample, self.prompts = cfg, sample, prompts
+        self.heldout, self.gold = heldout, gold
+        self.first: dict[str, Any] | None = None
+        self.metric = "gold/score" if gold else (f"heldout/{next(iter(heldout))}" if heldout else None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first": self.first}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first = state.get("first")
+
+    def _generate(self, ctx: Any, items: list[tuple[int, int]]) -> torch.Tensor:
+        """Images for (prompt index, seed) pairs, each from its own seeded generator."""
+        out = []
+        eta = self.sample.eta if self.cfg.eta is None else self.cfg.eta
+        for start in range(0, len(items), self.cfg.batch_size):
+            chunk = items[start : start + self.cfg.batch_size]
+            prompts = [self.prompts[i] for i, _ in chunk]
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i, seed in chunk]
+            x = ctx.initial_latents(len(chunk), generator=gens)
+            z, _ = sample_differentiable(
+                ctx.denoiser(prompts),
+                ctx.scheduler,
+                x,
+                grad_from=len(ctx.scheduler.timesteps),
+                eta=eta,
+                generator=gens,
+                checkpoint=False,
+            )
+            out.append(ctx.decode(z).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def evaluate(self, ctx: Any, step: int) -> tuple[dict[str, Any] | None, torch.Tensor]:
+        """One evaluation; returns (record on the main process else None, this process's images)."""
+        from accelerate.utils import gather_object
+
+        start = time.perf_counter()
+        seeds = list(self.cfg.seeds)
+        mine = list(range(ctx.process_index, len(self.prompts), ctx.num_processes))
+        items = [(i, s) for i in mine for s in seeds]
+        images = self._generate(ctx, items) if items else torch.zeros(0)
+        rows: list[dict[str, float]] = []
+        per_prompt: list[float] = []
+        if items:
+            prompts = [self.prompts[i] for i, _ in items]
+            combined, parts = ctx.score(images, prompts)
+            cols = {"reward": combined} | {f"reward/{k}": v for k, v in parts.items()}
+            for name, reward in self.heldout.items():
+                cols[f"heldout/{name}"] = reward(images.to(ctx.device), prompts).float()
+            if self.gold:
+                from diffalign.shapes.verifier import verify_batch
+
+                verdicts = verify_batch(images, prompts)
+                cols["gold/accuracy"] = torch.tensor([float(v.correct) for v in verdicts])
+                cols["gold/score"] = torch.tensor([float(v.score) for v in verdicts])
+                cols["gold/count_acc"] = torch.tensor([float(v.count_ok) for v in verdicts])
+                cols["gold/color_acc"] = torch.tensor([float(v.color_ok) for v in verdicts])
+                cols["gold/shape_acc"] = torch.tensor([float(v.shape_ok) for v in verdicts])
+            cols = {k: v.detach().float().cpu().tolist() for k, v in cols.items()}
+            rows = [{k: cols[k][n] for k in cols} for n in range(len(items))]
+            per_prompt = [pairwise_rms(images[j : j + len(seeds)]) for j in range(0, len(items), len(seeds))]
+        rows = gather_object(rows)
+        per_prompt = gather_object(per_prompt)
+        if not ctx.is_main_process:
+            return None, images
+        record: dict[str, Any] = {"step": step, "n_images": len(rows)}
+        for key in rows[0]:
+            record[key] = sum(r[key] for r in rows) / len(rows)
+        record["diversity"] = sum(per_prompt) / len(per_prompt)
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise DiffalignError(f"evaluation at step {step}: {bad[0]} is NaN or infinite; check that reward")
+        if self.first is None:
+            self.first = dict(record)
+        record |= guard(self.first, record, self.metric, self.cfg.hacking_threshold)
+        record["time"] = {"seconds": time.perf_counter() - start}
+        return record, images

@@ -1,0 +1,487 @@
+"""The one training loop every method shares (docs/architecture.md):
+
+    prompts -> sample -> rewards -> combine -> method loss -> optimizer step on LoRA -> log / eval / checkpoint
+
+The trainer owns everything but the method: accelerate (device, mixed precision, processes), the
+frozen pipeline with its LoRA, AdamW over the LoRA parameters only, the prompt stream (every process
+draws the same global batch and keeps its slice), rewards (checked for NaN on every call), logging
+(``metrics.jsonl``; TensorBoard / W&B through accelerate trackers), held-out evaluation, checkpoints
+and exact resume. Only the main process writes files.
+
+Gradients are averaged across processes by one all-reduce of the flattened LoRA gradients before
+clipping (not by wrapping the UNet in DDP: reward backprop calls the UNet many times per backward,
+which DDP's reducer does not allow). Gradient accumulation is explicit: one training step runs all
+its micro-batches, then updates.
+
+Resume is exact on CPU: a resumed run writes the same ``metrics.jsonl`` and ``eval.jsonl`` as an
+uninterrupted one, except for the wall-clock values, which live under the ``time`` key of each record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffalign.checkpoint import Checkpointer, capture_rng, restore_rng, truncate_lines
+from diffalign.combine import weighted_sum
+from diffalign.config import DiffalignConfig
+from diffalign.errors import DiffalignError
+from diffalign.methods import PromptBatch, StepResult, build_method
+from diffalign.prompts import PromptSampler, eval_prompts, load_prompts, non_shapes_prompt
+
+DTYPE_BY_PRECISION = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def process_seeds(seed: int, process_index: int) -> tuple[int, int]:
+    """Two independent seeds (torch generator, python Random) for one process of a run."""
+    a, b = np.random.SeedSequence([seed, process_index]).generate_state(2)
+    return int(a), int(b)
+
+
+def reward_keys(specs: list[Any]) -> list[str]:
+    """Metric names of rewards: the reward name, or the full spec when two share a name."""
+    names = [s.name for s in specs]
+    return [str(s) if names.count(s.name) > 1 else s.name for s in specs]
+
+
+class Rollout:
+    """The :class:`diffalign.methods.StepContext` of this trainer: sampling, rewards, backward, updates."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        t = trainer
+        self.trainer, self.acc, self.pipe, self.cfg = t, t.acc, t.pipe, t.cfg
+        self.sample = t.cfg.sample
+        self.scheduler = t.pipe.scheduler
+        self.scheduler.set_timesteps(self.sample.steps)
+        self.generator, self.rng = t.generator, t.rng
+        self.checkpointing = t.cfg.model.gradient_checkpointing
+        self.step = 0
+
+    # ---------------------------------------------------------------------- processes
+    @property
+    def process_index(self) -> int:
+        return self.acc.process_index
+
+    @property
+    def num_processes(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.acc.gather(tensor.to(self.device).contiguous())
+
+    # ------------------------------------------------------------------------ sampling
+    def denoiser(self, prompts: list[str]):
+        from diffalign.pipelines import encode_prompts
+        from diffalign.sampling import make_denoiser
+
+        guide = self.sample.guidance_scale != 1.0
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.model.lora.text_encoder):
+            cond = encode_prompts(self.pipe, prompts, self.sample.negative_prompt, guidance=guide)
+        return make_denoiser(
+            self.pipe.unet,
+            guidance_scale=self.sample.guidance_scale,
+            guidance_rescale=self.sample.guidance_rescale,
+            **cond.denoiser_kwargs(),
+        )
+
+    def initial_latents(self, n: int, generator: Any = None) -> torch.Tensor:
+        from diffalign.pipelines import initial_latents
+
+        return initial_latents(self.pipe, n, self.generator if generator is None else generator)
+
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        from diffalign.pipelines import decode
+
+        return decode(self.pipe, latents, differentiable=differentiable, checkpoint=self.checkpointing)
+
+    def prompt_keys(self, prompts: list[str]) -> list[str]:
+        """Prompts as the tokenizer sees them (DDPO's stat-tracker keys, spec §2.2)."""
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, truncation=True, max_length=tok.model_max_length).input_ids
+        return tok.batch_decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------------- rewards
+    def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Combined reward and per-reward values (no cross-process check: for evaluation)."""
+        parts = {k: r(images, prompts) for k, r in self.trainer.rewards.items()}
+        return weighted_sum(parts, self.trainer.reward_weights), parts
+
+    def rewards(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`score`, stopping every process with one line if any reward is NaN or infinite anywhere."""
+        combined, parts = self.score(images, prompts)
+        flags = torch.tensor([float(not torch.isfinite(v.detach()).all()) for v in parts.values()], device=self.device)
+        if self.num_processes > 1:
+            flags = self.acc.reduce(flags, reduction="sum")
+        if bool((flags > 0).any()):
+            name = list(parts)[int(torch.nonzero(flags > 0)[0])]
+            raise DiffalignError(
+                f"reward '{name}' returned NaN or inf at step {self.step}; training stopped before that update "
+                f"(no checkpoint of step {self.step} was written; the last checkpoint is intact)"
+            )
+        return combined, parts
+
+    # ------------------------------------------------------------------------ updates
+    def backward(self, loss: torch.Tensor) -> None:
+        self.acc.backward(loss)
+
+    def _sync_grads(self) -> None:
+        params = self.trainer.params
+        if self.num_processes == 1:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flat = self.acc.reduce(flat, reduction="mean")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def optimizer_step(self) -> float:
+        """All-reduce gradients, clip, AdamW step, LR schedule step; returns the pre-clip gradient norm."""
+        t = self.trainer
+        self._sync_grads()
+        max_norm = self.cfg.train.max_grad_norm
+        if max_norm > 0:
+            norm = self.acc.clip_grad_norm_(t.params, max_norm)
+        else:
+            self.acc.unscale_gradients()
+            norm = torch.nn.utils.clip_grad_norm_(t.params, float("inf"))
+        norm = float(norm)
+        if not math.isfinite(norm) and self.acc.scaler is None:
+            raise DiffalignError(
+                f"the gradient norm is {norm} at step {self.step}; training stopped before that update (lower "
+                "train.lr, keep train.max_grad_norm > 0, or check the rewards); the last checkpoint is intact"
+            )
+        t.optimizer.step()
+        t.lr_scheduler.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+
+class Trainer:
+    """Build everything from a :class:`DiffalignConfig`, then :meth:`run`."""
+
+    def __init__(self, cfg: DiffalignConfig, resume: str | None = None) -> None:
+        self.cfg, self.resume = cfg, resume
+        self.out = Path(cfg.checkpoint.output_dir)
+
+    # ------------------------------------------------------------------------- set-up
+    def _accelerator(self):
+        from accelerate import Accelerator
+
+        cfg = self.cfg
+        if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+            raise DiffalignError("model.device=cuda but no CUDA GPU is visible; use model.device=cpu or auto")
+        for tracker in cfg.log.trackers:
+            module = "tensorboard" if tracker == "tensorboard" else "wandb"
+            try:
+                __import__(module)
+            except ImportError:
+                raise DiffalignError(
+                    f"log.trackers lists {tracker} but {module} is not installed: pip install 'diffalign[logging]' "
+                    "or drop it from log.trackers"
+                ) from None
+        return Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            cpu=cfg.model.device == "cpu",
+            log_with=list(cfg.log.trackers) or None,
+            project_dir=str(self.out / "logs"),
+        )
+
+    def _setup(self) -> None:
+        from diffusers.optimization import get_constant_schedule, get_constant_schedule_with_warmup
+
+        from diffalign.evaluation import Evaluator
+        from diffalign.pipelines import add_lora, load_pipeline
+        from reward_models import RewardSpec, get_reward
+
+        cfg = self.cfg
+        self.acc = acc = self._accelerator()
+        if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise DiffalignError(
+                f"diffalign trains LoRA adapters with data parallelism only, not {acc.distributed_type.value}: "
+                "launch with accelerate launch --multi_gpu (the frozen base is replicated, LoRA gradients all-reduced)"
+            )
+        seed = cfg.train.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # the same LoRA initialization on every process
+        dtype = DTYPE_BY_PRECISION[cfg.train.mixed_precision] if cfg.model.dtype == "auto" else cfg.model.dtype
+        self.pipe = load_pipeline(cfg.model.pretrained, dtype=dtype, device=acc.device, attention=cfg.model.attention)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.params = add_lora(self.pipe, cfg.model.lora)
+        t = cfg.train
+        optimizer = torch.optim.AdamW(
+            self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
+        )
+        self.optimizer = acc.prepare(optimizer)
+        base = self.optimizer.optimizer
+        self.lr_scheduler = (
+            get_constant_schedule_with_warmup(base, t.warmup_steps)
+            if t.lr_schedule == "warmup"
+            else get_constant_schedule(base)
+        )
+        specs = [RewardSpec.parse(s) for s in cfg.reward.rewards]
+        self.rewards = dict(zip(reward_keys(specs), (get_reward(s, device=acc.device) for s in specs), strict=True))
+        self.reward_weights = cfg.reward.weights if cfg.reward.weights is not None else [s.weight for s in specs]
+        held = [RewardSpec.parse(s) for s in cfg.eval.rewards]
+        heldout = dict(zip(reward_keys(held), (get_reward(s, device=acc.device) for s in held), strict=True))
+        s_gen, s_rng = process_seeds(seed, acc.process_index)
+        self.generator = torch.Generator().manual_seed(s_gen)
+        self.rng = random.Random(s_rng)
+        self.sampler = PromptSampler(load_prompts(cfg.prompts.train, "prompts.train"), seed)
+        ev_prompts = eval_prompts(load_prompts(cfg.prompts.eval, "prompts.eval"), cfg.eval.num_prompts)
+        gold = cfg.eval.gold == "on" or (cfg.eval.gold == "auto" and non_shapes_prompt(ev_prompts) is None)
+        self.evaluator = Evaluator(cfg.eval, cfg.sample, ev_prompts, heldout, gold)
+        self.method = build_method(cfg)
+        self.ctx = Rollout(self)
+        self.ckpt = Checkpointer(self.out, cfg.checkpoint.keep, acc)
+        self.updates, self.metrics_lines, self.eval_lines = 0, 0, 0
+        if cfg.log.trackers:
+            acc.init_trackers(cfg.log.project, config=cfg.flat())
+
+    def named_lora(self) -> dict[str, torch.nn.Parameter]:
+        from diffalign.pipelines import _text_encoders
+
+        mods = [("unet", self.pipe.unet)] + _text_encoders(self.pipe)
+        return {f"{m}.{n}": p for m, mod in mods for n, p in mod.named_parameters() if "lora_" in n}
+
+    def _owned(self) -> dict[str, Any]:
+        return {"generator": self.generator, "rng": self.rng}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "updates": self.updates,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
+            "sampler": self.sampler.state_dict(),
+            "method": self.method.state_dict(),
+            "evaluator": self.evaluator.state_dict(),
+            "metrics_lines": self.metrics_lines,
+            "eval_lines": self.eval_lines,
+        }
+
+    def _save(self, step: int) -> None:
+        from diffalign.pipelines import save_lora
+
+        self.ckpt.save(
+            step,
+            self._state(step),
+            {k: p.detach() for k, p in self.named_lora().items()},
+            capture_rng(self._owned()),
+            write_extra=lambda d: save_lora(self.pipe, d / "lora"),
+        )
+
+    def _load_lora(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        mine = self.named_lora()
+        rank = self.cfg.model.lora.rank
+        for name, t in tensors.items():
+            if name in mine and t.shape != mine[name].shape:
+                theirs = t.shape[0] if "lora_A" in name else t.shape[-1]
+                raise DiffalignError(
+                    f"checkpoint {path} holds a LoRA of rank {theirs} but model.lora.rank is {rank}; resume with "
+                    f"model.lora.rank={theirs}, or start a new run in another --output-dir"
+                )
+        if set(tensors) != set(mine):
+            raise DiffalignError(
+                f"checkpoint {path} holds LoRA layers that do not match this config's (model.lora.target_modules or "
+                "model.lora.text_encoder differ); resume with the settings of the run that wrote it"
+            )
+        with torch.no_grad():
+            for name, p in mine.items():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+
+    def _start(self) -> int:
+        """Resume or start fresh; returns the last completed step."""
+        acc, main = self.acc, self.acc.is_main_process
+        self.ckpt.clean_partial()
+        path = self.ckpt.resolve(self.resume) if self.resume else None
+        if self.resume is None and self.ckpt.checkpoints():
+            latest = self.ckpt.checkpoints()[-1][0]
+            raise DiffalignError(
+                f"{self.out} already holds checkpoints (latest: step {latest}); pass --resume latest to continue "
+                "that run, or choose another --output-dir"
+            )
+        if path is None:
+            if self.resume and main:
+                print(f"diffalign train: no checkpoint in {self.ckpt.root}; starting from step 0")
+            if main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                for name in ("metrics.jsonl", "eval.jsonl"):
+                    (self.out / name).write_text("")
+            acc.wait_for_everyone()
+            return 0
+        loaded = self.ckpt.load(path)
+        self._load_lora(path, loaded.lora)
+        st = loaded.state
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.lr_scheduler.load_state_dict(st["lr_scheduler"])
+        if self.acc.scaler is not None and st["scaler"] is not None:
+            self.acc.scaler.load_state_dict(st["scaler"])
+        self.sampler.load_state_dict(st["sampler"])
+        self.method.load_state_dict(st["method"])
+        self.evaluator.load_state_dict(st["evaluator"])
+        self.updates, self.metrics_lines, self.eval_lines = st["updates"], st["metrics_lines"], st["eval_lines"]
+        if main:
+            truncate_lines(self.out / "metrics.jsonl", self.metrics_lines)
+            truncate_lines(self.out / "eval.jsonl", self.eval_lines)
+            print(f"diffalign train: resuming from {path} (step {loaded.step})")
+        self.ckpt.remove_after(loaded.step)
+        restore_rng(loaded.rng, self._owned())  # last: nothing after this may draw random numbers before step 1
+        return loaded.step
+
+    # ---------------------------------------------------------------------- logging
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        with open(self.out / name, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+        if name == "metrics.jsonl":
+            self.metrics_lines += 1
+        else:
+            self.eval_lines += 1
+
+    def _mean(self, value: float) -> float:
+        t = torch.tensor([float(value)], device=self.acc.device, dtype=torch.float64)
+        return float(self.acc.reduce(t, reduction="mean")) if self.acc.num_processes > 1 else float(value)
+
+    def _record(self, step: int, result: StepResult, seconds: float, elapsed: float) -> dict[str, Any]:
+        self.updates += result.updates
+        combined = self.ctx.gather(result.reward.detach().float()).double()
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": self._mean(result.loss),
+            "reward": float(combined.mean()),
+            "reward_std": float(combined.std(unbiased=False)),
+            "samples": int(combined.numel()),
+        }
+        for key, values in result.rewards.items():
+            record[f"reward/{key}"] = float(self.ctx.gather(values.detach().float()).double().mean())
+        record |= {"grad_norm": result.grad_norm, "lr": self.lr_scheduler.get_last_lr()[0], "updates": self.updates}
+        record |= {k: self._mean(v) for k, v in result.stats.items()}
+        record["time"] = {"step_seconds": seconds, "elapsed": elapsed}
+        return record
+
+    def _log(self, record: dict[str, Any], prefix: str = "") -> None:
+        if self.cfg.log.trackers:
+            scalars = {prefix + k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self.acc.log(scalars, step=record["step"])
+
+    def _evaluate(self, step: int) -> None:
+        from diffalign.gallery import save_grid
+
+        self.ctx.step = step
+        with self.acc.autocast():
+            record, images = self.evaluator.evaluate(self.ctx, step)
+        if record is None:
+            return
+        self._append("eval.jsonl", record)
+        self._log(record, "eval/")
+        if record["hacking"]:
+            print(
+                f"diffalign train: warning: possible reward hacking at step {step}: the training reward rose "
+                f"{record['guard/reward_rise']:+.4g} since step {self.evaluator.first['step']} while "
+                f"{record['guard/metric']} fell {record['guard/drop']:.4g} (> eval.hacking_threshold="
+                f"{self.cfg.eval.hacking_threshold}); select checkpoints by gold, not by the training reward"
+            )
+        if images.numel():
+            ncol = len(self.cfg.eval.seeds)
+            save_grid(images[: ncol * 8], self.out / "samples" / f"eval_step_{step}.png", ncol=ncol)
+
+    def _draw(self) -> PromptBatch:
+        b, n, i = self.cfg.sample.batch_size, self.acc.num_processes, self.acc.process_index
+        everyone = self.sampler.next(b * n)
+        return PromptBatch(local=everyone[i * b : (i + 1) * b], everyone=everyone)
+
+    # -------------------------------------------------------------------------- loop
+    def run(self) -> dict[str, Path]:
+        """Train ``train.steps`` steps (or the rest of them after a resume); returns the output paths."""
+        from tqdm import tqdm
+
+        from diffalign.gallery import save_grid
+        from diffalign.pipelines import save_lora
+
+        self._setup()
+        cfg, acc = self.cfg, self.acc
+        main = acc.is_main_process
+        start = self._start()
+        if main:
+            cfg.save_yaml(self.out / "config.yaml")
+        if start == 0:
+            self._evaluate(0)
+        total = cfg.train.steps
+        bar = tqdm(
+            total=total,
+            initial=start,
+            desc=cfg.train.method,
+            disable=not (main and cfg.log.progress),
+            dynamic_ncols=True,
+        )
+        t_run = time.perf_counter()
+        for step in range(start + 1, total + 1):
+            self.ctx.step = step
+            batches = [self._draw() for _ in range(self.method.batches_per_step())]
+            t0 = time.perf_counter()
+            with acc.autocast():
+                result = self.method.step(self.ctx, batches)
+            record = self._record(step, result, time.perf_counter() - t0, time.perf_counter() - t_run)
+            if main:
+                self._append("metrics.jsonl", record)
+                self._log(record)
+                bar.set_postfix(reward=f"{record['reward']:.4f}", loss=f"{record['loss']:.4g}")
+                every = cfg.log.sample_every
+                if every and step % every == 0 and result.images is not None:
+                    save_grid(result.images.float().cpu()[:16], self.out / "samples" / f"step_{step}.png", ncol=8)
+            bar.update(1)
+            if (cfg.eval.every and step % cfg.eval.every == 0) or step == total:
+                self._evaluate(step)
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total:
+                self._save(step)
+        bar.close()
+        paths = {
+            "lora": self.out / "lora",
+            "metrics": self.out / "metrics.jsonl",
+            "eval": self.out / "eval.jsonl",
+            "before": self.out / "samples" / "eval_step_0.png",
+            "after": self.out / "samples" / f"eval_step_{total}.png",
+        }
+        if main:
+            save_lora(self.pipe, paths["lora"])
+            self._summary(paths)
+        acc.wait_for_everyone()
+        if cfg.log.trackers:
+            acc.end_training()
+        return paths
+
+    def _summary(self, paths: dict[str, Path]) -> None:
+        rows = [json.loads(x) for x in paths["eval"].read_text().splitlines() if x.strip()]
+        first, last = (rows[0], rows[-1]) if rows else (None, None)
+        lines = [f"diffalign train: finished {self.cfg.train.steps} steps of {self.cfg.train.method}"]
+        lines.append(f"  LoRA (diffusers format): {paths['lora']}   load: pipe.load_lora_weights('{paths['lora']}')")
+        lines.append(f"  metrics: {paths['metrics']}")
+        if first and last:
+            key = "gold/accuracy" if "gold/accuracy" in last else "reward"
+            lines.append(
+                f"  eval: {paths['eval']}  ({key} {first[key]:.4g} at step {first['step']} -> "
+                f"{last[key]:.4g} at step {last['step']}; hacking flagged: "
+                f"{any(r.get('hacking') for r in rows)})"
+            )
+        lines.append(f"  before / after: {paths['before']}  {paths['after']}")
+        print("\n".join(lines))

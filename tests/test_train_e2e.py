@@ -1,0 +1,140 @@
+"""``diffalign train`` end to end on the tiny SD pipeline: every method, outputs, LoRA export, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from train_fixtures import tiny_config, write_config
+
+from diffalign.cli import main
+
+METHODS = ["alignprop", "draft_k", "draft_lv", "refl", "ddpo"]
+
+
+def train(tmp_path, cfg, *extra):
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    return main(["train", "--config", str(path), *extra])
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_and_exports(tmp_path, sd_dir, method, capsys):
+    out = tmp_path / "run"
+    extra = {"log": {"progress": False, "sample_every": 2}}
+    if method == "alignprop":
+        extra["log"]["trackers"] = ["tensorboard"]
+    if method == "ddpo":  # per-prompt tracking with min_count 2 so it activates on repeated prompts
+        extra["ddpo"] = {"train_batch_size": 1, "per_prompt_stat_tracking": True, "stat_min_count": 2}
+        extra["prompts"] = {"train": ["a red circle", "two blue squares"], "eval": "shapes:heldout"}
+    assert train(tmp_path, tiny_config(sd_dir, out, method, **extra)) == 0
+    printed = capsys.readouterr().out
+    assert f"finished 3 steps of {method}" in printed and str(out / "lora") in printed
+    metrics = rows(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert {"loss", "reward", "grad_norm", "lr", "samples", "updates", "time"} <= set(m)
+        assert all(k in m for k in m if k.startswith("reward/")) and any(k.startswith("reward/") for k in m)
+        assert set(m["time"]) == {"step_seconds", "elapsed"}
+    evals = rows(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    assert {"gold/accuracy", "gold/score", "diversity", "hacking", "reward"} <= set(evals[0])
+    assert evals[0]["n_images"] == 4
+    for name in ("eval_step_0.png", "eval_step_3.png", "step_2.png"):
+        assert (out / "samples" / name).is_file()
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["train"]["method"] == method
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    if method == "alignprop":
+        assert any((out / "logs").rglob("events.out.tfevents*"))
+    if method == "ddpo":
+        assert metrics[-1]["updates"] == 6 and metrics[-1]["per_prompt_fraction"] == 1.0
+        state = torch.load(out / "checkpoints/step_3/state.pt", weights_only=True)
+        assert set(state["method"]["tracker"]["stats"]) == {"a red circle", "two blue squares"}
+
+    # the exported LoRA loads with plain diffusers and holds exactly the trained weights
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(out / "lora", adapter_name="trained")
+    trained = load_file(out / "checkpoints/step_3/lora.safetensors")
+    loaded = {f"unet.{n}".replace(".trained.", ".default."): p for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert set(loaded) == set(trained)
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+    assert any(trained[k].abs().sum() > 0 for k in trained if "lora_B" in k)  # it did train
+
+
+def test_ddpo_ratio_is_one_at_theta_old(tmp_path, sd_dir):
+    """Sanity check of spec §2.6: recomputed log-probs equal the sampling ones before any update."""
+    out = tmp_path / "run"
+    cfg = tiny_config(sd_dir, out, "ddpo", train={"lr": 1e-12}, ddpo={"train_batch_size": 2})
+    assert train(tmp_path, cfg) == 0
+    for m in rows(out / "metrics.jsonl"):
+        assert m["clipfrac"] == 0.0 and m["approx_kl"] < 1e-10 and m["updates"] >= 1
+
+
+def test_hacking_guardrail_flags_a_falling_heldout_reward(tmp_path, sd_dir, capsys):
+    out = tmp_path / "run"
+    held = "train_fixtures:Darkness"
+    cfg = tiny_config(sd_dir, out, "draft_k", eval={"gold": "off", "rewards": [held], "hacking_threshold": 0.0})
+    assert train(tmp_path, cfg) == 0
+    evals = rows(out / "eval.jsonl")
+    assert "gold/accuracy" not in evals[0] and evals[0]["hacking"] is False
+    last = evals[-1]
+    assert last["guard/metric"] == f"heldout/{held}" and last["reward"] > evals[0]["reward"]
+    assert last["hacking"] is True and last["guard/drop"] > 0
+    assert "warning: possible reward hacking at step 2" in capsys.readouterr().out
+
+
+def test_nan_reward_stops_with_one_line_and_no_checkpoint(tmp_path, sd_dir, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        sd_dir, out, "draft_k", reward={"rewards": ["train_fixtures:NanAfter:calls=3"]}, checkpoint={"every": 1}
+    )
+    # call 1 is the step-0 evaluation, calls 2 and 3 the training steps 1 and 2
+    assert train(tmp_path, cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: diffusers' loading bars
+    assert err.startswith("diffalign train: error: ")
+    assert "reward 'train_fixtures:NanAfter' returned NaN or inf at step 2" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]
+    assert [m["step"] for m in rows(out / "metrics.jsonl")] == [1]
+    assert not (out / "lora").exists()
+
+
+def test_resume_errors(tmp_path, sd_dir, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_config(sd_dir, out, "draft_k", train={"steps": 2}, eval={"every": 0})
+    assert train(tmp_path, cfg) == 0
+    capsys.readouterr()
+    # an output directory with checkpoints is not silently overwritten
+    assert train(tmp_path, cfg) == 2
+    assert "already holds checkpoints (latest: step 2); pass --resume latest" in capsys.readouterr().err
+    # a LoRA of another rank cannot be resumed
+    cfg["model"]["lora"] = {"rank": 4, "alpha": 4.0}
+    assert train(tmp_path, cfg, "--resume", "latest") == 2
+    err = capsys.readouterr().err
+    assert "holds a LoRA of rank 2 but model.lora.rank is 4; resume with model.lora.rank=2" in err
+    assert train(tmp_path, cfg, "--resume", str(tmp_path / "nowhere")) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_cli_user_errors(tmp_path, sd_dir, capsys):
+    from diffalign.train import main as train_main
+
+    assert train_main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file" in capsys.readouterr().err
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(sd_dir, tmp_path / "run"))
+    assert main(["train", "--config", str(cfg), "train.lrr=1"]) == 2
+    assert "did you mean 'train.lr'?" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "reward.rewards=[aesthetik]"]) == 2
+    assert "unknown reward 'aesthetik'; did you mean 'aesthetic'?" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["train", "--config", str(cfg), f"prompts.train={empty}"]) == 2
+    assert "is empty" in capsys.readouterr().err

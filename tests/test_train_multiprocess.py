@@ -1,0 +1,55 @@
+"""``accelerate launch --multi_gpu --num_processes 2`` on CPU (two gloo processes): prompts sharded,
+rewards aggregated over both processes, only the main process writes.
+
+(``accelerate launch --cpu --num_processes 2`` starts a single process: accelerate's simple launcher
+runs multi-process CPU jobs only through mpirun, so ``--multi_gpu`` is the flag that gives torchrun
+processes, which fall back to the gloo backend without GPUs.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_fixtures import tiny_config, write_config
+
+from diffalign.prompts import PromptSampler, load_prompts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_two_processes_shard_prompts_and_aggregate(tmp_path, sd_dir):
+    pytest.importorskip("accelerate")
+    out, rec = tmp_path / "run", tmp_path / "rec"
+    rec.mkdir()
+    cfg = tiny_config(
+        sd_dir, out, "draft_k", reward={"rewards": [f"train_fixtures:Recording:dir={rec}"]}, eval={"every": 0}
+    )
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run(
+        [*launch, "-m", "diffalign", "train", "--config", str(path)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished 3 steps") == 1  # only the main process reports
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # one file, no duplicated lines
+    calls = {p.stem: [json.loads(x) for x in p.read_text().splitlines()] for p in rec.iterdir()}
+    assert len(calls) == 2 and all(len(c) == 3 for c in calls.values())  # both processes trained 3 steps
+    batch = cfg["sample"]["batch_size"]
+    stream = PromptSampler(load_prompts("shapes:train"), seed=0)  # the global prompt stream of the run
+    for step, m in enumerate(metrics):
+        values = [v for c in calls.values() for v in c[step]["values"]]
+        assert m["samples"] == 2 * batch == len(values)
+        assert m["reward"] == pytest.approx(sum(values) / len(values), abs=1e-7)
+        everyone = stream.next(2 * batch)  # each process trained on its own half of the global batch
+        assert sorted(c[step]["prompts"] for c in calls.values()) == sorted([everyone[:batch], everyone[batch:]])
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 3] and evals[0]["n_images"] == 4
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
