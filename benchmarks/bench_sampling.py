@@ -100,7 +100,9 @@ def main() -> None:
             ]
             # large blocks straight from mmap and no trimming delay: RSS follows live tensors, not the allocator's cache
             env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-            out = subprocess.run(cmd + ["--_one", f"{steps},{int(ckpt)}"], capture_output=True, text=True, check=True, env=env)
+            out = subprocess.run(
+                cmd + ["--_one", f"{steps},{int(ckpt)}"], capture_output=True, text=True, check=True, env=env
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"model={args.model} batch={args.batch} size={args.size}px, full-chain backprop (grad_from=0), LoRA r=4")
     print("graph MB: tensors autograd keeps for backward (the memory that scales with steps);")
