@@ -26,6 +26,7 @@ from diffalign.errors import DiffalignError
 
 if TYPE_CHECKING:
     import torch
+from safetensors import SafetensorError
 
 HF_FILE_PREFIX = "hf-hub:"
 _FILE_SUFFIX = re.compile(r"\.(pt|pth|bin|safetensors|ckpt|json|npz|npy|png|jpe?g|webp|txt)$", re.IGNORECASE)
@@ -78,7 +79,7 @@ def load_errors(ref: str, what: str, expected: str) -> Iterator[None]:
         yield
     except DiffalignError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:  # a corrupt file too
         raise hub_failure(ref, what, expected, err) from err
 
 
