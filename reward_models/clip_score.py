@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffalign.errors import DiffalignError
 from reward_models.base import Reward
 from reward_models.loading import load_errors
-from reward_models.preprocess import interpolation_name, preprocess
+from reward_models.preprocess import CLIP_MEAN, CLIP_STD, interpolation_name, preprocess
 from reward_models.registry import register_reward
 
 LOCAL_DIR = "local-dir:"
@@ -117,8 +117,8 @@ class OpenClipImageMixin:
         cfg = dict(getattr(self.clip.visual, "preprocess_cfg", {}) or {})
         size = cfg.get("size", getattr(self.clip.visual, "image_size", 224))
         self.pp_size = size if isinstance(size, int) else tuple(size)
-        self.pp_mean = tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-        self.pp_std = tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        self.pp_mean = tuple(cfg.get("mean", CLIP_MEAN))
+        self.pp_std = tuple(cfg.get("std", CLIP_STD))
         self.pp_interpolation = interpolation_name(cfg.get("interpolation", "bicubic"))
         self.pp_resize_mode = self.resize_mode_override or cfg.get("resize_mode", "shortest")
         self.pp_fill = float(cfg.get("fill_color", 0)) / 255.0

@@ -27,25 +27,21 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from asset_utils import atomic_save, log  # noqa: E402
 
 from diffalign.shapes.data import render_batch  # noqa: E402
 from diffalign.shapes.splits import all_specs  # noqa: E402
 from diffalign.shapes.world import COLORS, SHAPES, SceneSpec  # noqa: E402
+from reward_models.preprocess import CLIP_MEAN as MEAN  # noqa: E402
+from reward_models.preprocess import CLIP_STD as STD  # noqa: E402
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
 MODEL_CFG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
 }
-
-
-def log(work: Path, msg: str) -> None:
-    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    with open(work / "log.txt", "a") as f:
-        f.write(line + "\n")
 
 
 def hard_negative(spec: SceneSpec, rng: random.Random) -> SceneSpec:
@@ -180,9 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 "gen": g.get_state(),
                 "rng": rng.getstate(),
             }
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, ckpt)
+            atomic_save(state, ckpt)
     if args.export:
         export(model, args.export)
         log(args.work, f"exported to {args.export}")

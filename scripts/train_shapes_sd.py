@@ -30,25 +30,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from asset_utils import atomic_save, log  # noqa: E402
 
 from diffalign.shapes.data import random_specs, render_batch  # noqa: E402
 from diffalign.shapes.tokenizer import build_tokenizer_files  # noqa: E402
 
 MAX_TOKENS = 32
-
-
-def log(work: Path, msg: str) -> None:
-    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    with open(work / "log.txt", "a") as f:
-        f.write(line + "\n")
-
-
-def atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def make_vae():
