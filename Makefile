@@ -22,6 +22,11 @@ format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The main job on the embedded default: AlignProp on the shapes world (CPU, about 15 minutes). Prints where
+# the LoRA, the metrics and the before/after images are.
+demo: venv
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/diffalign train --config configs/shapes/alignprop.yaml
+
 # Lint, then the whole test suite (single process, torch on one thread). Exit 5 (no tests) counts as success.
 test: lint
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc

@@ -79,7 +79,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # clip the global gradient norm (0 = no clipping)
     gradient_accumulation_steps: int = 1  # reward backprop: micro-batches per update; DDPO: minibatches per update
-    lr_schedule: Literal["constant", "warmup"] = "constant"  # warmup: linear from 0 over warmup_steps updates
+    # warmup: linear from 0 over warmup_steps updates, then constant; cosine: the same warmup, then a
+    # half-cosine decay to 0 at train.steps
+    lr_schedule: Literal["constant", "warmup", "cosine"] = "constant"
     warmup_steps: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0

@@ -204,7 +204,11 @@ class Trainer:
         )
 
     def _setup(self) -> None:
-        from diffusers.optimization import get_constant_schedule, get_constant_schedule_with_warmup
+        from diffusers.optimization import (
+            get_constant_schedule,
+            get_constant_schedule_with_warmup,
+            get_cosine_schedule_with_warmup,
+        )
 
         from diffalign.evaluation import Evaluator
         from diffalign.pipelines import add_lora, load_pipeline
@@ -231,11 +235,14 @@ class Trainer:
         )
         self.optimizer = acc.prepare(optimizer)
         base = self.optimizer.optimizer
-        self.lr_scheduler = (
-            get_constant_schedule_with_warmup(base, t.warmup_steps)
-            if t.lr_schedule == "warmup"
-            else get_constant_schedule(base)
-        )
+        self.method = build_method(cfg)
+        if t.lr_schedule == "cosine":
+            horizon = t.steps * self.method.updates_per_step()
+            self.lr_scheduler = get_cosine_schedule_with_warmup(base, t.warmup_steps, horizon)
+        elif t.lr_schedule == "warmup":
+            self.lr_scheduler = get_constant_schedule_with_warmup(base, t.warmup_steps)
+        else:
+            self.lr_scheduler = get_constant_schedule(base)
         specs = [RewardSpec.parse(s) for s in cfg.reward.rewards]
         self.rewards = dict(zip(reward_keys(specs), (get_reward(s, device=acc.device) for s in specs), strict=True))
         self.reward_weights = cfg.reward.weights if cfg.reward.weights is not None else [s.weight for s in specs]
@@ -248,7 +255,6 @@ class Trainer:
         ev_prompts = eval_prompts(load_prompts(cfg.prompts.eval, "prompts.eval"), cfg.eval.num_prompts)
         gold = cfg.eval.gold == "on" or (cfg.eval.gold == "auto" and non_shapes_prompt(ev_prompts) is None)
         self.evaluator = Evaluator(cfg.eval, cfg.sample, ev_prompts, heldout, gold)
-        self.method = build_method(cfg)
         self.ctx = Rollout(self)
         self.ckpt = Checkpointer(self.out, cfg.checkpoint.keep, acc)
         self.updates, self.metrics_lines, self.eval_lines = 0, 0, 0

@@ -160,6 +160,13 @@ class ClipScore(OpenClipImageMixin, Reward):
         pretrained: tag (``openai``) or checkpoint file, only with an architecture name.
         scale: multiplies the cosine (default 1.0: the score is the cosine similarity).
         clipscore_w: if set, CLIPScore's ``w * max(cos, 0)`` instead of ``scale * cos``.
+        negatives: a prompt source (text file with one caption per line, ``shapes:train``, ...): the
+            score becomes the contrastive log-probability of the prompt among itself and these captions,
+            ``log softmax_j(tau * cos(image, caption_j))`` at the prompt (CLIP's zero-shot
+            classification, Radford et al. Sec. 3.1.2), in (-inf, 0]. Unlike the raw cosine, which any
+            "caption-like" change raises, its gradient points away from the confusable captions, so it
+            rewards what tells the prompt apart (counts, colors, attribute binding).
+        temperature: ``tau`` for ``negatives`` (default: the model's learned logit scale).
     """
 
     differentiable = True
@@ -171,6 +178,8 @@ class ClipScore(OpenClipImageMixin, Reward):
         pretrained: str | None = "openai",
         scale: float = 1.0,
         clipscore_w: float | None = None,
+        negatives: str | None = None,
+        temperature: float | None = None,
     ) -> None:
         super().__init__()
         if model.startswith((LOCAL_DIR, HF_HUB)) and pretrained == "openai":
@@ -180,9 +189,46 @@ class ClipScore(OpenClipImageMixin, Reward):
         self.scale = float(scale)
         self.clipscore_w = None if clipscore_w is None else float(clipscore_w)
         self.range = (0.0, self.clipscore_w) if self.clipscore_w is not None else (-abs(self.scale), abs(self.scale))
+        self.negatives: list[str] = []
+        if negatives is not None:
+            if clipscore_w is not None:
+                raise DiffalignError("clip_score: give either negatives= (contrastive score) or clipscore_w=, not both")
+            from diffalign.prompts import load_prompts
+
+            self.negatives = list(dict.fromkeys(load_prompts(negatives, key="clip_score negatives")))
+            scale_param = getattr(self.clip, "logit_scale", None)
+            default_tau = float(scale_param.detach().exp()) if scale_param is not None else 100.0
+            self.temperature = default_tau if temperature is None else float(temperature)
+            if self.temperature <= 0:
+                raise DiffalignError(f"clip_score: temperature must be > 0, got {temperature}")
+            self.range = (-float("inf"), 0.0)
+        elif temperature is not None:
+            raise DiffalignError("clip_score: temperature= only applies with negatives=")
+        self._negative_cache: dict[str, torch.Tensor] = {}
         self.freeze()
 
+    def negative_embeddings(self, device: torch.device) -> torch.Tensor:
+        """Text embeddings ``[N, D]`` of the contrast captions, computed once per device."""
+        key = str(device)
+        if key not in self._negative_cache:
+            with torch.no_grad():
+                self._negative_cache[key] = self.encode_prompts(self.negatives, device)
+        return self._negative_cache[key]
+
+    def contrastive(self, image_emb: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``log softmax`` of the prompt among {prompt} + negatives other than the prompt itself."""
+        text = self.encode_prompts(prompts, image_emb.device)
+        neg = self.negative_embeddings(image_emb.device)
+        pos = (image_emb * text).sum(-1, keepdim=True)
+        others = image_emb @ neg.T
+        same = torch.tensor([[n == p for n in self.negatives] for p in prompts], device=image_emb.device)
+        others = others.masked_fill(same, -float("inf"))
+        logits = self.temperature * torch.cat([pos, others], dim=1)
+        return torch.log_softmax(logits, dim=1)[:, 0]
+
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if self.negatives:
+            return self.contrastive(self.encode_images(images), prompts)
         cos = (self.encode_images(images) * self.encode_prompts(prompts, images.device)).sum(-1)
         if self.clipscore_w is not None:
             return self.clipscore_w * cos.clamp(min=0.0)
@@ -205,6 +251,8 @@ class ShapesClipScore(ClipScore):
         pretrained: str | None = None,
         scale: float = 1.0,
         clipscore_w: float | None = None,
+        negatives: str | None = None,
+        temperature: float | None = None,
     ) -> None:
         asset = model is None
         if asset:
@@ -215,7 +263,14 @@ class ShapesClipScore(ClipScore):
                 )
             model = LOCAL_DIR + str(SHAPES_CLIP_DIR)
         try:
-            super().__init__(model=model, pretrained=pretrained, scale=scale, clipscore_w=clipscore_w)
+            super().__init__(
+                model=model,
+                pretrained=pretrained,
+                scale=scale,
+                clipscore_w=clipscore_w,
+                negatives=negatives,
+                temperature=temperature,
+            )
         except DiffalignError as err:
             if asset:
                 raise DiffalignError(f"{err}; rebuild the asset with `python scripts/train_shapes_clip.py`") from err

@@ -513,6 +513,49 @@ def test_clip_score_values(tiny: Tiny, loaded: dict[str, Reward], batch: tuple[t
     torch.testing.assert_close(shapes_clip(images, prompts), same(images, prompts))
 
 
+def test_clip_score_contrastive(
+    tiny: Tiny, loaded: dict[str, Reward], batch: tuple[torch.Tensor, list[str]], tmp_path: Path
+) -> None:
+    images, prompts = batch
+    negatives = ["two red circles", prompts[0], "a blue square", "a blue square", "three green triangles"]
+    neg_file = tmp_path / "negatives.txt"
+    neg_file.write_text("\n".join(negatives) + "\n\n")
+    reward = get_reward(tiny.spec("clip_score") + f",negatives={neg_file}")
+    tau = float(loaded["clip_score"].clip.logit_scale.exp())
+    assert reward.temperature == pytest.approx(tau) and reward.range == (-float("inf"), 0.0)
+    assert reward.negatives == ["two red circles", prompts[0], "a blue square", "three green triangles"]
+    base = loaded["clip_score"]
+    with torch.no_grad():
+        img = F.normalize(base.clip.encode_image(base.pixel_values(images)), dim=-1).double()
+    expected = []
+    for i, prompt in enumerate(prompts):  # independent: one caption list per image, a plain softmax over it
+        captions = [prompt] + [n for n in reward.negatives if n != prompt]
+        with torch.no_grad():
+            txt = F.normalize(base.clip.encode_text(base.tokenizer(captions)), dim=-1).double()
+        logits = tau * txt @ img[i]
+        expected.append(float(logits[0] - torch.logsumexp(logits, 0)))
+    got = reward(images, prompts)
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    assert bool((got <= 0).all())
+    cooler = get_reward(tiny.spec("clip_score") + f",negatives={neg_file},temperature=1")
+    assert float(cooler(images, prompts).std()) < float(got.std())  # tau = 1: nearly uniform over captions
+    # differentiable, and shapes_clip takes the same options
+    x = images.clone().requires_grad_(True)
+    reward(x, prompts).sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    shapes = get_reward(tiny.spec("shapes_clip") + ",negatives=shapes:train")
+    assert len(shapes.negatives) == 105 and bool((shapes(images, prompts) <= 0).all())
+    for options, words in [
+        (f"negatives={tmp_path / 'missing.txt'}", ["does not exist"]),
+        (f"negatives={neg_file},clipscore_w=2.5", ["either negatives", "clipscore_w"]),
+        ("temperature=5", ["only applies with negatives"]),
+        (f"negatives={neg_file},temperature=0", ["temperature must be > 0"]),
+    ]:
+        with pytest.raises(DiffalignError) as err:
+            get_reward(tiny.spec("clip_score") + "," + options)
+        assert_one_line(err, *words)
+
+
 def test_shapes_clip_missing_asset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import reward_models.clip_score as cs
 

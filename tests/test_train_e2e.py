@@ -138,3 +138,22 @@ def test_cli_user_errors(tmp_path, sd_dir, capsys):
     empty.write_text("")
     assert main(["train", "--config", str(cfg), f"prompts.train={empty}"]) == 2
     assert "is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["draft_k", "ddpo"])
+def test_cosine_schedule_reaches_zero_at_the_last_update(tmp_path, sd_dir, method):
+    """train.lr_schedule=cosine: linear warmup, then 0.5 (1 + cos(pi p)) with p over all optimizer updates."""
+    import math
+
+    out = tmp_path / "run"
+    cfg = tiny_config(sd_dir, out, method, train={"lr_schedule": "cosine", "warmup_steps": 1, "steps": 3})
+    assert train(tmp_path, cfg) == 0
+    metrics = rows(out / "metrics.jsonl")
+    total = metrics[-1]["updates"]
+    assert total == (3 if method == "draft_k" else 6)  # ddpo: 2 updates per step in the tiny config
+
+    def expected(k: int) -> float:  # lr after k scheduler steps
+        return 1e-2 * 0.5 * (1 + math.cos(math.pi * (k - 1) / (total - 1)))
+
+    assert [m["lr"] for m in metrics] == pytest.approx([expected(m["updates"]) for m in metrics], abs=1e-12)
+    assert metrics[-1]["lr"] == pytest.approx(0.0, abs=1e-12)

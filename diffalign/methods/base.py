@@ -77,6 +77,10 @@ class Method:
         """How many :class:`PromptBatch` of ``sample.batch_size`` prompts one step consumes."""
         return 1
 
+    def updates_per_step(self) -> int:
+        """Optimizer updates one step makes (the horizon of ``train.lr_schedule=cosine`` is steps x this)."""
+        return 1
+
     def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
         raise NotImplementedError
 

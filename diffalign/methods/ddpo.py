@@ -152,6 +152,10 @@ class DDPO(Method):
     def batches_per_step(self) -> int:
         return self.sample.num_batches
 
+    def updates_per_step(self) -> int:
+        minibatches = self.sample.batch_size * self.sample.num_batches // self.cfg.train_batch_size
+        return self.cfg.inner_epochs * (minibatches // self.train.gradient_accumulation_steps)
+
     def advantages(self, keys: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Clipped advantages of the gathered batch and the fraction normalized per prompt."""
         if self.cfg.per_prompt_stat_tracking:
