@@ -33,7 +33,7 @@ from asset_utils import atomic_save, log  # noqa: E402
 
 from diffalign.shapes.data import render_batch  # noqa: E402
 from diffalign.shapes.splits import all_specs  # noqa: E402
-from diffalign.shapes.world import COLORS, SHAPES, SceneSpec  # noqa: E402
+from diffalign.shapes.world import COLORS, MAX_OBJECTS, SHAPES, SceneSpec  # noqa: E402
 from reward_models.preprocess import CLIP_MEAN as MEAN  # noqa: E402
 from reward_models.preprocess import CLIP_STD as STD  # noqa: E402
 
@@ -78,6 +78,91 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+def clip_loss(model, tokenizer, images: torch.Tensor, captions: list[str], negatives: list[str]):
+    """CLIP's symmetric contrastive loss with one hard-negative caption per image; returns (loss, logits)."""
+    b = images.shape[0]
+    img = F.normalize(model.encode_image(images), dim=-1)
+    txt = F.normalize(model.encode_text(tokenizer(captions + negatives)), dim=-1)
+    logits = model.logit_scale.exp() * img @ txt.T  # [B, 2B]: B positives then B hard negatives
+    target = torch.arange(b)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :b].T, target)), logits
+
+
+def count_up_negative(spec: SceneSpec, rng: random.Random) -> SceneSpec:
+    """Like :func:`hard_negative`, but count changes also *add* an object (up to MAX_OBJECTS), twice as often."""
+    objects = spec.objects()
+    palette = [(c, s) for c in COLORS for s in SHAPES]
+    for _ in range(100):
+        objs = list(objects)
+        i = rng.randrange(len(objs))
+        kind = rng.choice(["color", "shape", "count", "count"])
+        if kind == "color":
+            objs[i] = (rng.choice([c for c in COLORS if c != objs[i][0]]), objs[i][1])
+        elif kind == "shape":
+            objs[i] = (objs[i][0], rng.choice([s for s in SHAPES if s != objs[i][1]]))
+        elif len(objs) < MAX_OBJECTS and (len(objs) == 1 or rng.random() < 0.5):
+            objs.append(rng.choice(objs) if rng.random() < 0.7 else rng.choice(palette))
+        else:
+            objs.pop(i)
+        neg = SceneSpec.from_objects(objs)
+        if neg != spec:
+            return neg
+    raise RuntimeError("no hard negative")  # pragma: no cover
+
+
+def finetune_three_objects(args, model, tokenizer, pool, specs) -> None:
+    """Stage 2 (``--finetune-3obj N``): teach the CLIP that one object too many is wrong.
+
+    Stage 1 renders world-v1 scenes only (1-2 objects) and its count negatives only remove objects,
+    so the CLIP never sees a third object and barely penalizes one (``scripts/probe_proxy.py``: 0.68
+    preference for the correct render, chance 0.5). Stage 2 fine-tunes the stage-1 weights for N steps
+    (AdamW lr 3e-4) on batches that are 1/4 random three-object scenes, with :func:`count_up_negative`.
+    Resumable from ``WORK/clip_ft.pt``.
+    """
+    rng, g = random.Random(1), torch.Generator().manual_seed(1)
+    palette = [(c, s) for c in COLORS for s in SHAPES]
+    three = [SceneSpec.from_objects([rng.choice(palette) for _ in range(3)]) for _ in range(8000)]
+    pool3_path = args.work / "pool3.pt"
+    if not pool3_path.exists():
+        images = torch.cat([render_batch(three[i : i + 1000], seed=9_000_000 + i) for i in range(0, 8000, 1000)])
+        atomic_save({"images": (images * 255).byte()}, pool3_path)
+    new_images = torch.load(pool3_path, weights_only=False)["images"]
+    old_specs = [specs[i] for i in pool["idx"]]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05)
+    ckpt, step = args.work / "clip_ft.pt", 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        g.set_state(state["gen"])
+        rng.setstate(state["rng"])
+    log(args.work, f"clip stage 2 (three objects): from step {step} to {args.finetune_3obj}")
+    b = args.batch
+    n3 = b // 4
+    while step < args.finetune_3obj:
+        s1 = torch.randint(0, len(old_specs), (b - n3,), generator=g)
+        s3 = torch.randint(0, len(three), (n3,), generator=g)
+        images = torch.cat([pool["images"][s1], new_images[s3]]).float() / 255
+        batch_specs = [old_specs[i] for i in s1.tolist()] + [three[i] for i in s3.tolist()]
+        images = normalize(augment(images, g))
+        captions = [s.caption() for s in batch_specs]
+        loss, logits = clip_loss(
+            model, tokenizer, images, captions, [count_up_negative(s, rng).caption() for s in batch_specs]
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)
+        step += 1
+        if step % 50 == 0 or step == args.finetune_3obj:
+            acc = (logits.argmax(1) == torch.arange(b)).float().mean()
+            log(args.work, f"clip stage 2 step {step} loss {loss.item():.3f} acc {acc:.2f}")
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
+            atomic_save(state | {"gen": g.get_state(), "rng": rng.getstate()}, ckpt)
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
@@ -114,6 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pool", type=int, default=30_000, help="pre-rendered scenes to draw batches from")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--export", type=Path, default=None)
+    p.add_argument(
+        "--finetune-3obj",
+        type=int,
+        default=0,
+        help="after stage 1, fine-tune this many steps with three-object scenes and add-one-object negatives "
+        "(not used for the shipped asset yet; see docs/training.md)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -150,12 +242,10 @@ def main(argv: list[str] | None = None) -> None:
         sel = torch.randint(0, args.pool, (args.batch,), generator=g)
         images = normalize(augment(pool["images"][sel].float() / 255, g))
         batch_specs = [specs[pool["idx"][i]] for i in sel.tolist()]
-        captions = [s.caption() for s in batch_specs] + [hard_negative(s, rng).caption() for s in batch_specs]
-        img = F.normalize(model.encode_image(images), dim=-1)
-        txt = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
-        logits = model.logit_scale.exp() * img @ txt.T  # [B, 2B]: B positives then B hard negatives
+        captions = [s.caption() for s in batch_specs]
+        negatives = [hard_negative(s, rng).caption() for s in batch_specs]
+        loss, logits = clip_loss(model, tokenizer, images, captions, negatives)
         target = torch.arange(args.batch)
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : args.batch].T, target))
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 100)
         opt.zero_grad(set_to_none=True)
@@ -177,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
                 "rng": rng.getstate(),
             }
             atomic_save(state, ckpt)
+    if args.finetune_3obj:
+        finetune_three_objects(args, model, tokenizer, pool, specs)
     if args.export:
         export(model, args.export)
         log(args.work, f"exported to {args.export}")

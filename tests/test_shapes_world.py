@@ -101,3 +101,27 @@ def test_bad_specs(caption, message):
 def test_bad_split():
     with pytest.raises(DiffalignError, match="unknown shapes split 'test'"):
         split_prompts("test")
+
+
+def test_clip_training_negatives_add_objects_only_in_stage_two() -> None:
+    """Stage 1's count negatives only remove objects from two-object scenes (the blind spot
+    scripts/probe_proxy.py measures); stage 2's also add one, never beyond MAX_OBJECTS."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from train_shapes_clip import count_up_negative, hard_negative
+
+    from diffalign.shapes.splits import all_specs
+    from diffalign.shapes.world import MAX_OBJECTS
+
+    rng = random.Random(0)
+    two = [s for s in all_specs() if s.num_objects == 2]
+    stage1 = [hard_negative(s, rng) for s in two]
+    stage2 = [count_up_negative(s, rng) for s in two]
+    assert all(n != s for n, s in zip(stage1 + stage2, two + two, strict=True))
+    assert max(n.num_objects for n in stage1) == 2
+    assert max(n.num_objects for n in stage2) == MAX_OBJECTS
+    added = sum(n.num_objects > s.num_objects for n, s in zip(stage2, two, strict=True)) / len(two)
+    assert 0.15 < added < 0.4  # count changes are half of all changes, half of those add
