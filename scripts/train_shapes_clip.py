@@ -44,19 +44,33 @@ MODEL_CFG = {
 }
 
 
-def hard_negative(spec: SceneSpec, rng: random.Random) -> SceneSpec:
-    """The same scene with one attribute changed (color, shape or count of one object)."""
+def swap_attribute(obj: tuple[str, str], kind: str, rng: random.Random) -> tuple[str, str]:
+    """``obj`` = (color, shape) with its color or its shape replaced by another one."""
+    if kind == "color":
+        return (rng.choice([c for c in COLORS if c != obj[0]]), obj[1])
+    return (obj[0], rng.choice([s for s in SHAPES if s != obj[1]]))
+
+
+def hard_negative(spec: SceneSpec, rng: random.Random, add_objects: bool = False) -> SceneSpec:
+    """The same scene with one attribute changed (color, shape or count of one object).
+
+    Stage 1: a count change adds a copy to a one-object scene and removes an object otherwise.
+    ``add_objects`` (stage 2): count changes are twice as likely and also add an object (a copy of
+    one, or a random one) up to ``MAX_OBJECTS``, half of the time when the scene has room.
+    """
     objects = spec.objects()
+    palette = [(c, s) for c in COLORS for s in SHAPES]
+    kinds = ["color", "shape", "count"] + (["count"] if add_objects else [])
     for _ in range(100):
         objs = list(objects)
         i = rng.randrange(len(objs))
-        kind = rng.choice(["color", "shape", "count"])
-        if kind == "color":
-            objs[i] = (rng.choice([c for c in COLORS if c != objs[i][0]]), objs[i][1])
-        elif kind == "shape":
-            objs[i] = (objs[i][0], rng.choice([s for s in SHAPES if s != objs[i][1]]))
-        elif len(objs) == 1:
+        kind = rng.choice(kinds)
+        if kind in ("color", "shape"):
+            objs[i] = swap_attribute(objs[i], kind, rng)
+        elif not add_objects and len(objs) == 1:
             objs.append(objs[0])
+        elif add_objects and len(objs) < MAX_OBJECTS and (len(objs) == 1 or rng.random() < 0.5):
+            objs.append(rng.choice(objs) if rng.random() < 0.7 else rng.choice(palette))
         else:
             objs.pop(i)
         neg = SceneSpec.from_objects(objs)
@@ -78,6 +92,30 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+def load_state(ckpt: Path, model, opt, g: torch.Generator, rng: random.Random) -> int:
+    """Restore a training checkpoint written by :func:`save_state`; returns its step."""
+    state = torch.load(ckpt, weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    g.set_state(state["gen"])
+    rng.setstate(state["rng"])
+    return int(state["step"])
+
+
+def save_state(ckpt: Path, model, opt, step: int, g: torch.Generator, rng: random.Random) -> None:
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
+    atomic_save(state | {"gen": g.get_state(), "rng": rng.getstate()}, ckpt)
+
+
+def update(model, opt, loss: torch.Tensor) -> None:
+    """One AdamW step, then CLIP's clamp of the logit scale at 100."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, 4.6052)
+
+
 def clip_loss(model, tokenizer, images: torch.Tensor, captions: list[str], negatives: list[str]):
     """CLIP's symmetric contrastive loss with one hard-negative caption per image; returns (loss, logits)."""
     b = images.shape[0]
@@ -88,35 +126,13 @@ def clip_loss(model, tokenizer, images: torch.Tensor, captions: list[str], negat
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :b].T, target)), logits
 
 
-def count_up_negative(spec: SceneSpec, rng: random.Random) -> SceneSpec:
-    """Like :func:`hard_negative`, but count changes also *add* an object (up to MAX_OBJECTS), twice as often."""
-    objects = spec.objects()
-    palette = [(c, s) for c in COLORS for s in SHAPES]
-    for _ in range(100):
-        objs = list(objects)
-        i = rng.randrange(len(objs))
-        kind = rng.choice(["color", "shape", "count", "count"])
-        if kind == "color":
-            objs[i] = (rng.choice([c for c in COLORS if c != objs[i][0]]), objs[i][1])
-        elif kind == "shape":
-            objs[i] = (objs[i][0], rng.choice([s for s in SHAPES if s != objs[i][1]]))
-        elif len(objs) < MAX_OBJECTS and (len(objs) == 1 or rng.random() < 0.5):
-            objs.append(rng.choice(objs) if rng.random() < 0.7 else rng.choice(palette))
-        else:
-            objs.pop(i)
-        neg = SceneSpec.from_objects(objs)
-        if neg != spec:
-            return neg
-    raise RuntimeError("no hard negative")  # pragma: no cover
-
-
 def finetune_three_objects(args, model, tokenizer, pool, specs) -> None:
     """Stage 2 (``--finetune-3obj N``): teach the CLIP that one object too many is wrong.
 
     Stage 1 renders world-v1 scenes only (1-2 objects) and its count negatives only remove objects,
     so the CLIP never sees a third object and barely penalizes one (``scripts/probe_proxy.py``: 0.68
     preference for the correct render, chance 0.5). Stage 2 fine-tunes the stage-1 weights for N steps
-    (AdamW lr 3e-4) on batches that are 1/4 random three-object scenes, with :func:`count_up_negative`.
+    (AdamW lr 3e-4) on batches that are 1/4 random three-object scenes, with ``hard_negative(..., add_objects=True)``.
     Resumable from ``WORK/clip_ft.pt``.
     """
     rng, g = random.Random(1), torch.Generator().manual_seed(1)
@@ -131,12 +147,7 @@ def finetune_three_objects(args, model, tokenizer, pool, specs) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05)
     ckpt, step = args.work / "clip_ft.pt", 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        g.set_state(state["gen"])
-        rng.setstate(state["rng"])
+        step = load_state(ckpt, model, opt, g, rng)
     log(args.work, f"clip stage 2 (three objects): from step {step} to {args.finetune_3obj}")
     b = args.batch
     n3 = b // 4
@@ -148,19 +159,14 @@ def finetune_three_objects(args, model, tokenizer, pool, specs) -> None:
         images = normalize(augment(images, g))
         captions = [s.caption() for s in batch_specs]
         loss, logits = clip_loss(
-            model, tokenizer, images, captions, [count_up_negative(s, rng).caption() for s in batch_specs]
+            model, tokenizer, images, captions, [hard_negative(s, rng, add_objects=True).caption() for s in batch_specs]
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, 4.6052)
+        update(model, opt, loss)
         step += 1
         if step % 50 == 0 or step == args.finetune_3obj:
             acc = (logits.argmax(1) == torch.arange(b)).float().mean()
             log(args.work, f"clip stage 2 step {step} loss {loss.item():.3f} acc {acc:.2f}")
-            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
-            atomic_save(state | {"gen": g.get_state(), "rng": rng.getstate()}, ckpt)
+            save_state(ckpt, model, opt, step, g, rng)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -218,12 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     rng = random.Random(0)
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        g.set_state(state["gen"])
-        rng.setstate(state["rng"])
+        step = load_state(ckpt, model, opt, g, rng)
     pool_path = args.work / "pool.pt"
     if not pool_path.exists():
         specs = all_specs()
@@ -248,25 +249,14 @@ def main(argv: list[str] | None = None) -> None:
         target = torch.arange(args.batch)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, 4.6052)
+        update(model, opt, loss)
         step += 1
         if step % 50 == 0:
             acc = (logits.argmax(1) == target).float().mean()
             log(args.work, f"clip step {step} loss {loss.item():.3f} acc {acc:.2f} {(time.time() - t0) / 50:.2f}s/step")
             t0 = time.time()
         if step % 250 == 0 or step == args.steps:
-            state = {
-                "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "gen": g.get_state(),
-                "rng": rng.getstate(),
-            }
-            atomic_save(state, ckpt)
+            save_state(ckpt, model, opt, step, g, rng)
     if args.finetune_3obj:
         finetune_three_objects(args, model, tokenizer, pool, specs)
     if args.export:

@@ -111,7 +111,7 @@ def test_clip_training_negatives_add_objects_only_in_stage_two() -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from train_shapes_clip import count_up_negative, hard_negative
+    from train_shapes_clip import hard_negative
 
     from diffalign.shapes.splits import all_specs
     from diffalign.shapes.world import MAX_OBJECTS
@@ -119,7 +119,7 @@ def test_clip_training_negatives_add_objects_only_in_stage_two() -> None:
     rng = random.Random(0)
     two = [s for s in all_specs() if s.num_objects == 2]
     stage1 = [hard_negative(s, rng) for s in two]
-    stage2 = [count_up_negative(s, rng) for s in two]
+    stage2 = [hard_negative(s, rng, add_objects=True) for s in two]
     assert all(n != s for n, s in zip(stage1 + stage2, two + two, strict=True))
     assert max(n.num_objects for n in stage1) == 2
     assert max(n.num_objects for n in stage2) == MAX_OBJECTS
