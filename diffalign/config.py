@@ -80,7 +80,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the global gradient norm (0 = no clipping)
     gradient_accumulation_steps: int = 1  # reward backprop: micro-batches per update; DDPO: minibatches per update
     # warmup: linear from 0 over warmup_steps updates, then constant; cosine: the same warmup, then a
-    # half-cosine decay to 0 at train.steps
+    # half-cosine decay to 0 at the last optimizer update (train.steps x the method's updates per step)
     lr_schedule: Literal["constant", "warmup", "cosine"] = "constant"
     warmup_steps: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
