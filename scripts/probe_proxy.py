@@ -33,11 +33,8 @@ def variants(spec: SceneSpec, rng: np.random.Generator) -> dict[str, SceneSpec]:
         out["add one object"] = SceneSpec.from_objects(objs + [objs[0]])
     color = [c for c in COLORS if c != objs[0][0]][rng.integers(len(COLORS) - 1)]
     shape = [s for s in SHAPES if s != objs[0][1]][rng.integers(len(SHAPES) - 1)]
-    for kind, first in (("swap a color", (color, objs[0][1])), ("swap a shape", (objs[0][0], shape))):
-        try:
-            out[kind] = SceneSpec.from_objects([first] + objs[1:])
-        except Exception:  # the swap made two groups of one kind; skip
-            pass
+    out["swap a color"] = SceneSpec.from_objects([(color, objs[0][1])] + objs[1:])
+    out["swap a shape"] = SceneSpec.from_objects([(objs[0][0], shape)] + objs[1:])
     return out
 
 

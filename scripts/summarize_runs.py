@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
 
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -30,7 +32,7 @@ def main() -> None:
     curves = []
     for run in args.runs:
         evals, metrics = rows(run / "eval.jsonl"), rows(run / "metrics.jsonl")
-        method = (run / "config.yaml").read_text().split("method:", 1)[1].split()[0]
+        method = yaml.safe_load((run / "config.yaml").read_text())["train"]["method"]
         elapsed = {m["step"]: m["time"]["elapsed"] for m in metrics}
         best = max(evals, key=lambda e: e["gold/accuracy"])
         first, last = evals[0], evals[-1]

@@ -42,6 +42,7 @@ MODEL_CFG = {
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
 }
+PALETTE = [(c, s) for c in COLORS for s in SHAPES]  # every (color, shape) object
 
 
 def swap_attribute(obj: tuple[str, str], kind: str, rng: random.Random) -> tuple[str, str]:
@@ -59,7 +60,6 @@ def hard_negative(spec: SceneSpec, rng: random.Random, add_objects: bool = False
     one, or a random one) up to ``MAX_OBJECTS``, half of the time when the scene has room.
     """
     objects = spec.objects()
-    palette = [(c, s) for c in COLORS for s in SHAPES]
     kinds = ["color", "shape", "count"] + (["count"] if add_objects else [])
     for _ in range(100):
         objs = list(objects)
@@ -70,7 +70,7 @@ def hard_negative(spec: SceneSpec, rng: random.Random, add_objects: bool = False
         elif not add_objects and len(objs) == 1:
             objs.append(objs[0])
         elif add_objects and len(objs) < MAX_OBJECTS and (len(objs) == 1 or rng.random() < 0.5):
-            objs.append(rng.choice(objs) if rng.random() < 0.7 else rng.choice(palette))
+            objs.append(rng.choice(objs) if rng.random() < 0.7 else rng.choice(PALETTE))
         else:
             objs.pop(i)
         neg = SceneSpec.from_objects(objs)
@@ -136,8 +136,7 @@ def finetune_three_objects(args, model, tokenizer, pool, specs) -> None:
     Resumable from ``WORK/clip_ft.pt``.
     """
     rng, g = random.Random(1), torch.Generator().manual_seed(1)
-    palette = [(c, s) for c in COLORS for s in SHAPES]
-    three = [SceneSpec.from_objects([rng.choice(palette) for _ in range(3)]) for _ in range(8000)]
+    three = [SceneSpec.from_objects([rng.choice(PALETTE) for _ in range(3)]) for _ in range(8000)]
     pool3_path = args.work / "pool3.pt"
     if not pool3_path.exists():
         images = torch.cat([render_batch(three[i : i + 1000], seed=9_000_000 + i) for i in range(0, 8000, 1000)])
