@@ -247,14 +247,19 @@ def lora_parameters(pipe) -> list[torch.nn.Parameter]:
 
 
 def lora_state_dicts(pipe) -> dict[str, dict[str, torch.Tensor]]:
-    """LoRA weights per component in diffusers' key format (what ``save_lora_weights`` takes)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """LoRA weights per component in peft's key format (``...lora_A.weight``), what ``save_lora_weights`` takes.
+
+    Deliberately not passed through ``diffusers.utils.convert_state_dict_to_diffusers``: that renames
+    only the attention projections to the old ``lora.down`` style, and a file that mixes both styles
+    (LoRA on convolutions or feed-forwards as well) loads in diffusers with the attention layers
+    silently dropped. Pure peft keys load completely (tests/test_pipelines.py checks both).
+    """
     from peft.utils import get_peft_model_state_dict
 
     out = {}
     for name, module in [("unet", pipe.unet)] + _text_encoders(pipe):
         if getattr(module, "peft_config", None):
-            out[name] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+            out[name] = get_peft_model_state_dict(module)
     return out
 
 

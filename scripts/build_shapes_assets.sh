@@ -7,5 +7,5 @@ PY=${PY:-.venv/bin/python}
 export OMP_WAIT_POLICY=PASSIVE
 $PY scripts/train_shapes_sd.py --work runs/shapes-sd --vae-steps 1200 --unet-steps "${UNET_STEPS:-4000}" --threads "${THREADS:-2}" \
     --export assets/shapes-sd
-$PY scripts/train_shapes_clip.py --work runs/shapes-clip --steps "${CLIP_STEPS:-1000}" --threads "${THREADS:-2}" --export assets/shapes-clip
+$PY scripts/train_shapes_clip.py --work runs/shapes-clip --steps "${CLIP_STEPS:-1000}" --finetune-3obj 300 --threads "${THREADS:-2}" --export assets/shapes-clip
 $PY scripts/eval_shapes_assets.py --model assets/shapes-sd --clip assets/shapes-clip --n 128 --grid docs/images/shapes_data_vs_base.png

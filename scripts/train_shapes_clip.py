@@ -6,11 +6,17 @@ a color, a shape or a count), and image augmentations (blur, noise, color jitter
 scores imperfect generated images smoothly. The result is an honest proxy: correlated with the
 exact gold verifier, not identical to it (it has never seen generated images and it is small).
 
+Stage 2 (``--finetune-3obj N``, used for the shipped asset with N = 300) continues with three-object
+scenes in a quarter of each batch and count negatives that also *add* an object: without it the CLIP,
+which had only seen one- and two-object scenes, could not tell "one object too many" from right, and
+reward fine-tuning walked straight into that blind spot (docs/training.md).
+
 The asset directory uses open_clip's own local layout (``open_clip_config.json`` +
 ``open_clip_model.safetensors``), loaded by ``open_clip.create_model("local-dir:assets/shapes-clip")``
 exactly as a hub checkpoint would be. Weights are stored in fp16 (loaded into fp32).
 
-    python scripts/train_shapes_clip.py --work runs/shapes-clip --steps 2500 --export assets/shapes-clip
+    python scripts/train_shapes_clip.py --work runs/shapes-clip --steps 1000 --finetune-3obj 300 \
+        --export assets/shapes-clip
 """
 
 from __future__ import annotations
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="after stage 1, fine-tune this many steps with three-object scenes and add-one-object negatives "
-        "(not used for the shipped asset yet; see docs/training.md)",
+        "(the shipped asset uses 300; see docs/training.md)",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -70,13 +70,34 @@ def test_sampler_matches_diffusers_pipeline_with_lora_disabled(family, request):
     assert (our_images(ours) - their_images(plain)).abs().max().item() > 1e-3  # LoRA really changes outputs
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_lora_save_then_plain_diffusers_load_gives_identical_images(family, request, tmp_path):
+WIDE_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+]
+
+
+@pytest.mark.parametrize(
+    ("family", "targets"),
+    [("sd", None), ("sdxl", None), ("sd", WIDE_TARGETS)],
+    ids=["sd", "sdxl", "sd-convs-and-ff"],
+)
+def test_lora_save_then_plain_diffusers_load_gives_identical_images(family, targets, request, tmp_path):
     from diffusers import DiffusionPipeline
 
     path = request.getfixturevalue(f"{family}_dir")
     pipe = load_pipeline(str(path))
-    add_lora(pipe, LoraSettings(rank=4, alpha=8, text_encoder=True))  # alpha != rank: metadata must round-trip
+    settings = LoraSettings(rank=4, alpha=8, text_encoder=True)  # alpha != rank: metadata must round-trip
+    if targets:  # LoRA on the resnet convolutions and feed-forwards too (Conv2d LoRA layers)
+        settings.target_modules = targets
+    add_lora(pipe, settings)
     _randomize_lora(pipe, seed=1)
     ours = our_images(pipe)
     save_lora(pipe, tmp_path / "lora")
