@@ -1,4 +1,4 @@
-"""Images to disk: numbered PNGs, grids with captions, and the HTML before/after gallery."""
+"""Images to disk: numbered PNGs and captioned grids (training samples, evaluation before/after)."""
 
 from __future__ import annotations
 

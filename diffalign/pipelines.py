@@ -278,6 +278,10 @@ def save_lora(pipe, out_dir: str | os.PathLike) -> Path:
     modules = {"unet": pipe.unet} | dict(_text_encoders(pipe))
     kwargs |= {f"{k}_lora_adapter_metadata": modules[k].peft_config["default"].to_dict() for k in states}
     type(pipe).save_lora_weights(tmp, **kwargs)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.iterdir():  # safetensors writes through a private temp file (mode 0600); use the umask
+        f.chmod(0o666 & ~umask)
     if out.exists():
         import shutil
 

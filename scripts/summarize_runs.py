@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -31,7 +32,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     curves = []
     for run in args.runs:
+        if not (run / "config.yaml").is_file():
+            sys.exit(f"summarize_runs: {run} is not a run directory (no config.yaml); pass OUT of diffalign train")
         evals, metrics = rows(run / "eval.jsonl"), rows(run / "metrics.jsonl")
+        if not evals:
+            print(f"| {run.name} | (no evaluation yet) | | | | | | |")
+            continue
         method = yaml.safe_load((run / "config.yaml").read_text())["train"]["method"]
         elapsed = {m["step"]: m["time"]["elapsed"] for m in metrics}
         best = max(evals, key=lambda e: e["gold/accuracy"])

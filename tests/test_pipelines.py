@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -101,7 +102,10 @@ def test_lora_save_then_plain_diffusers_load_gives_identical_images(family, targ
     _randomize_lora(pipe, seed=1)
     ours = our_images(pipe)
     save_lora(pipe, tmp_path / "lora")
-    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    weights = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others as the umask allows, not 0600
     fresh = DiffusionPipeline.from_pretrained(str(path))
     fresh.load_lora_weights(str(tmp_path / "lora"))
     diff = (their_images(fresh) - ours).abs().max().item()
