@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from diffalign.errors import DiffalignError
 from diffalign.pipelines import (
@@ -71,18 +73,10 @@ def test_sampler_matches_diffusers_pipeline_with_lora_disabled(family, request):
     assert (our_images(ours) - their_images(plain)).abs().max().item() > 1e-3  # LoRA really changes outputs
 
 
-WIDE_TARGETS = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-]
+# The shipped AlignProp config's LoRA targets: attention, the transformer blocks' projections and
+# feed-forwards, and the resnets' convolutions (Conv2d LoRA layers).
+ALIGNPROP_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes" / "alignprop.yaml"
+WIDE_TARGETS = yaml.safe_load(ALIGNPROP_CONFIG.read_text())["model"]["lora"]["target_modules"]
 
 
 @pytest.mark.parametrize(
@@ -96,7 +90,7 @@ def test_lora_save_then_plain_diffusers_load_gives_identical_images(family, targ
     path = request.getfixturevalue(f"{family}_dir")
     pipe = load_pipeline(str(path))
     settings = LoraSettings(rank=4, alpha=8, text_encoder=True)  # alpha != rank: metadata must round-trip
-    if targets:  # LoRA on the resnet convolutions and feed-forwards too (Conv2d LoRA layers)
+    if targets:
         settings.target_modules = targets
     add_lora(pipe, settings)
     _randomize_lora(pipe, seed=1)
