@@ -29,6 +29,13 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _dtype_kwarg() -> str:
+    """``dtype`` where diffusers' from_pretrained takes it, else the older ``torch_dtype``."""
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def _is_hub_id(model: str) -> bool:
     """owner/name, not starting like a path (./, /, ~)."""
     return bool(_HUB_ID.match(model)) and not model.startswith((".", "~"))
@@ -91,9 +98,11 @@ def load_pipeline(
         dtype = DTYPES[dtype]
     cls = StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    # diffusers renamed from_pretrained's torch_dtype to dtype (torch_dtype warns, and goes in 1.0)
+    kwargs[_dtype_kwarg()] = dtype
     try:
         pipe = cls.from_pretrained(
-            str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model, torch_dtype=dtype, **kwargs
+            str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model, **kwargs
         )
     except DiffalignError:
         raise

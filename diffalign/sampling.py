@@ -286,6 +286,7 @@ def sample_differentiable(
     noises: Sequence[torch.Tensor] | None = None,
     checkpoint: bool = True,
     stop_at: int | None = None,
+    detach_input: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample with gradients through steps ``grad_from .. T-1`` (AlignProp / DRaFT-K / full DRaFT).
 
@@ -295,6 +296,12 @@ def sample_differentiable(
     one latent per step, whatever the number of steps. ``noises[k]`` fixes the step noise
     (reparameterized sampling, for finite-difference tests). ``stop_at`` returns early after that
     many steps, together with the predicted x0 of the last step taken (ReFL's one-step lookahead).
+
+    ``detach_input`` stops the gradient at the network's input latent (DRTune, Wu et al. 2024, arXiv
+    2405.00760, Sec. 3.2): step k still gets gradient through its own prediction
+    ``eps_theta(sg(x_k), t_k)``, and the gradient of a later latent reaches earlier ones only along the
+    sampler's linear path ``x_{k+1} = a_k x_k + b_k eps_k (+ sigma_k z_k)``, never through the
+    network's input Jacobian, whose products over many steps make full-chain gradients heavy-tailed.
 
     Returns ``(x, pred_x0)``: the final latent (or the latent after ``stop_at`` steps) and the last
     step's predicted x0.
@@ -307,7 +314,7 @@ def sample_differentiable(
         if eta > 0 and noise is None:
             noise = _randn(x.shape, generator, x)
         with torch.set_grad_enabled(k >= grad_from and torch.is_grad_enabled()):
-            inp = scheduler.scale_model_input(x, t)
+            inp = scheduler.scale_model_input(x.detach() if detach_input else x, t)
             if checkpoint and k >= grad_from and torch.is_grad_enabled():
                 out = _checkpoint(denoise, inp, t, use_reentrant=False)
             else:

@@ -217,6 +217,36 @@ def test_checkpointed_gradient_equals_plain_and_finite_difference():
     assert abs(float(fd - grads[0])) < 1e-3 * max(1.0, abs(float(fd)))
 
 
+def test_detach_input_gradient_is_the_frozen_input_derivative():
+    """DRTune's stop-gradient: d/dtheta of the chain with every network input held at its sampled value."""
+    s = sched(5)
+    net = CountingDenoiser()
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    noises = [torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    grads = {}
+    for detach in (False, True):
+        net.theta.grad = None
+        out, _ = sample_differentiable(net, s, x_T, eta=1.0, noises=noises, checkpoint=True, detach_input=detach)
+        out.pow(2).mean().backward()
+        grads[detach] = float(net.theta.grad)
+    with torch.no_grad():  # the network inputs of the chain at theta = 0.5
+        inputs, x = [], x_T
+        for k, t in enumerate(s.timesteps):
+            inputs.append(x)
+            x = ddim_step(s, net(x, t), t, x, eta=1.0, noise=noises[k]).prev_sample
+
+        def frozen_chain(theta: float) -> float:  # the linear path keeps x, the network sees the frozen input
+            x = x_T
+            for k, t in enumerate(s.timesteps):
+                eps = theta * torch.tanh(inputs[k]) + 1e-4 * t.float()
+                x = ddim_step(s, eps, t, x, eta=1.0, noise=noises[k]).prev_sample
+            return float(x.pow(2).mean())
+
+        fd = (frozen_chain(0.5 + 1e-3) - frozen_chain(0.5 - 1e-3)) / 2e-3
+    assert abs(grads[True] - fd) < 1e-3 * max(1.0, abs(fd))
+    assert abs(grads[True] - grads[False]) > 1e-3 * abs(grads[False])  # not the full-chain gradient
+
+
 def test_ddim_step_requires_set_timesteps():
     s = DDIMScheduler(**SD)
     with pytest.raises(DiffalignError, match="set_timesteps"):

@@ -151,12 +151,14 @@ class FakeCtx:
         self.checkpointing = False
         self.w = torch.nn.Parameter(torch.tensor(0.1))
         self.calls: list[tuple[int, bool]] = []  # (batch, grad enabled)
+        self.input_grad: list[bool] = []  # whether each network input carries a graph
         self.reward_scale = reward_scale
         self.process_index = 0
 
     def denoiser(self, prompts):
         def denoise(x, t):
             self.calls.append((x.shape[0], torch.is_grad_enabled()))
+            self.input_grad.append(x.requires_grad)
             return self.w * x
 
         return denoise
@@ -206,6 +208,17 @@ def test_alignprop_fixed_and_random_truncation():
         flags = [g for _, g in ctx.calls]
         first = flags.index(True)
         assert 1 <= first < 6 and all(flags[first:]) and res.stats["grad_steps"] == 6 - first
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_input_reaches_the_sampler(detach):
+    ctx = FakeCtx(steps=4)
+    cfg = AlignPropConfig(truncation="none", detach_input=detach)
+    AlignProp(cfg, ctx.sample, TrainConfig()).step(ctx, _batch())
+    assert ctx.input_grad == [False] + [not detach] * 3  # x_T has no graph; later inputs do unless detached
+    ctx = FakeCtx(steps=4)
+    DraftK(DraftConfig(k=4, detach_input=detach), ctx.sample, TrainConfig(method="draft_k")).step(ctx, _batch())
+    assert ctx.input_grad == [False] + [not detach] * 3 and ctx.w.grad.abs().item() > 0
 
 
 def test_draft_lv_detaches_x0_and_renoises_n_times():

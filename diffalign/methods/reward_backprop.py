@@ -50,6 +50,7 @@ class AlignPropConfig:
     k: int = 1  # "fixed": gradient through the last k steps (k = 1 is AlignProp "K=1")
     gaussian_mean: float = 0.84  # "gaussian": first step with gradient ~ N(mean*T, std*T) (repo: 42 and 5 of T=50)
     gaussian_std: float = 0.1
+    detach_input: bool = False  # DRTune's stop-gradient at the UNet input latent (sampling.sample_differentiable)
     loss: LossForm = "neg"
     target: float = 10.0  # for abs_target / hinge (AlignProp's aesthetic target is 10)
     loss_coeff: float = 0.01  # AlignProp multiplies the loss by 0.01 (Adam is nearly invariant to it)
@@ -68,6 +69,7 @@ class DraftConfig:
 
     k: int = 1  # draft_k: gradient through the last k steps (k = sample.steps is full DRaFT)
     n_lv: int = 2  # draft_lv: re-noisings of x_0 per sample
+    detach_input: bool = False  # draft_k: DRTune's stop-gradient at the UNet input latent
     loss: LossForm = "neg"
     target: float = 10.0
     loss_coeff: float = 1.0
@@ -184,6 +186,7 @@ class RewardBackprop(Method):
             generator=ctx.generator,
             checkpoint=ctx.checkpointing,
             stop_at=stop_at,
+            detach_input=getattr(self.cfg, "detach_input", False),
         )
 
 
