@@ -22,7 +22,7 @@ format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The main job on the embedded default: AlignProp on the shapes world (CPU, about 10 minutes). Prints where
+# The main job on the embedded default: AlignProp on the shapes world (CPU, about 8 minutes). Prints where
 # the LoRA, the metrics and the before/after images are.
 demo: venv
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/diffalign train --config configs/shapes/alignprop.yaml
