@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
 from PIL import Image, ImageDraw
 
 CAPTION = 24  # pixels above each grid for its caption
@@ -36,23 +37,32 @@ def eval_grids(run: Path) -> tuple[Path, Path, int]:
     return steps[0], steps[last], last
 
 
-def top_rows(grid: Image.Image, rows: int, total_rows: int) -> Image.Image:
-    """The first ``rows`` of a grid with ``total_rows`` equal rows."""
+def top_rows(grid: Image.Image, rows: int, ncol: int) -> Image.Image:
+    """The first ``rows`` of a grid of square tiles, ``ncol`` to a row (the trainer's eval grids)."""
+    total_rows = max(1, round(grid.height * ncol / grid.width))
     height = round(grid.height * min(rows, total_rows) / total_rows)
     return grid.crop((0, 0, grid.width, height))
+
+
+def eval_columns(run: Path) -> int:
+    """Columns of the run's eval grids: one per evaluation seed (``eval.seeds`` in its config.yaml)."""
+    try:
+        return len(yaml.safe_load((run / "config.yaml").read_text())["eval"]["seeds"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
+        raise SystemExit(f"before_after: cannot read eval.seeds from {run}/config.yaml ({err}); pass a run directory") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a diffalign train output directory")
     p.add_argument("--rows", type=int, default=4, help="prompt rows to keep (default 4)")
-    p.add_argument("--grid-rows", type=int, default=8, help="rows in the run's evaluation grids (default 8)")
     p.add_argument("--label", default="AlignProp LoRA", help="caption of the right half")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     args = p.parse_args(argv)
     before_path, after_path, step = eval_grids(args.run)
-    before = top_rows(Image.open(before_path).convert("RGB"), args.rows, args.grid_rows)
-    after = top_rows(Image.open(after_path).convert("RGB"), args.rows, args.grid_rows)
+    ncol = eval_columns(args.run)
+    before = top_rows(Image.open(before_path).convert("RGB"), args.rows, ncol)
+    after = top_rows(Image.open(after_path).convert("RGB"), args.rows, ncol)
     canvas = Image.new("RGB", (before.width + GAP + after.width, CAPTION + before.height), "white")
     canvas.paste(before, (0, CAPTION))
     canvas.paste(after, (before.width + GAP, CAPTION))
