@@ -49,7 +49,9 @@ def eval_columns(run: Path) -> int:
     try:
         return len(yaml.safe_load((run / "config.yaml").read_text())["eval"]["seeds"])
     except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
-        raise SystemExit(f"before_after: cannot read eval.seeds from {run}/config.yaml ({err}); pass a run directory") from None
+        raise SystemExit(
+            f"before_after: cannot read eval.seeds from {run}/config.yaml ({err}); pass a run directory"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
