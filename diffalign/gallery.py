@@ -1,4 +1,4 @@
-"""Images to disk: numbered PNGs and captioned grids (training samples, evaluation before/after)."""
+"""Images to disk: numbered PNGs named by their captions, and image grids (training samples, evaluation before/after)."""
 
 from __future__ import annotations
 
