@@ -1,15 +1,21 @@
-# Set-up commands for a fresh machine with Python 3.11 (see README).
+# Set-up commands for a fresh machine with Python 3.11 (see README and docs/install.md).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LOCK := requirements.lock
+# The newest releases of every direct dependency, past pyproject's upper bounds (make test-latest).
+LATEST_VENV ?= .venv-latest
+DIRECT_DEPS := torch torchvision diffusers peft accelerate transformers open-clip-torch safetensors numpy pillow \
+	scipy pyyaml tqdm pytest ruff tensorboard
 
-.PHONY: venv test lint format demo
+.PHONY: venv test lint format demo lock test-latest
 
-$(VENV)/.installed: pyproject.toml
+# Installs exactly the tested versions: requirements.lock is a pip constraints file (make lock rewrites it).
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c $(LOCK) torch torchvision
+	$(PY) -m pip install -q -c $(LOCK) -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -22,11 +28,37 @@ format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The main job on the embedded default: AlignProp on the shapes world (CPU, about 8 minutes). Prints where
-# the LoRA, the metrics and the before/after images are.
+# The main job on the embedded default: AlignProp on the shapes world (CPU). Prints where the LoRA,
+# the metrics and the before/after images are.
 demo: venv
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/diffalign train --config configs/shapes/alignprop.yaml
 
-# Lint, then the whole test suite (single process, torch on one thread). Exit 5 (no tests) counts as success.
+# Lint, then the whole test suite (single process). Exit 5 (no tests) counts as success.
 test: lint
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+# Rewrite requirements.lock: a fresh venv with the newest versions pyproject.toml allows, then pip freeze.
+# Run it when you change dependencies, then make test, and commit both.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q -e ".[test]"
+	{ echo "# Tested versions (pip constraints) used by 'make venv', 'make test' and 'make demo'."; \
+	  echo "# Regenerate after changing dependencies: make lock   (fresh venv, newest versions allowed by pyproject.toml, pip freeze)."; \
+	  echo "# Generated $$(date -u +%Y-%m-%d) with Python $$(.venv-lock/bin/python -c 'import sys; print(sys.version.split()[0])') on $$(uname -m) $$(uname -s)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e '; } > $(LOCK)
+	rm -rf .venv-lock
+
+# Early warning: the newest release of every direct dependency (ignoring the lock and pyproject's upper
+# bounds) in a separate venv, then the whole suite. A failure here is a break users will meet once a
+# bound is lifted or a lower bound's release goes; the versions used are in .venv-latest/versions.txt.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q -e ".[test]"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade $(DIRECT_DEPS)
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
+	grep -iE '^(torch|torchvision|diffusers|peft|accelerate|transformers|open.clip.torch)==' $(LATEST_VENV)/versions.txt
+	OMP_WAIT_POLICY=PASSIVE $(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider

@@ -44,13 +44,15 @@ def top_rows(grid: Image.Image, rows: int, ncol: int) -> Image.Image:
     return grid.crop((0, 0, grid.width, height))
 
 
-def eval_columns(run: Path) -> int:
-    """Columns of the run's eval grids: one per evaluation seed (``eval.seeds`` in its config.yaml)."""
+def run_config(run: Path) -> tuple[int, str]:
+    """Columns of the run's eval grids (one per ``eval.seeds`` entry) and its ``train.method``, from config.yaml."""
     try:
-        return len(yaml.safe_load((run / "config.yaml").read_text())["eval"]["seeds"])
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        return len(cfg["eval"]["seeds"]), str(cfg["train"]["method"])
     except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
         raise SystemExit(
-            f"before_after: cannot read eval.seeds from {run}/config.yaml ({err}); pass a run directory"
+            f"before_after: cannot read eval.seeds and train.method from {run}/config.yaml ({err}); "
+            "pass a run directory"
         ) from None
 
 
@@ -58,11 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a diffalign train output directory")
     p.add_argument("--rows", type=int, default=4, help="prompt rows to keep (default 4)")
-    p.add_argument("--label", default="AlignProp LoRA", help="caption of the right half")
+    p.add_argument("--label", help="caption of the right half (default: '<train.method> LoRA' of the run)")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     args = p.parse_args(argv)
     before_path, after_path, step = eval_grids(args.run)
-    ncol = eval_columns(args.run)
+    ncol, method = run_config(args.run)
+    label = args.label or f"{method} LoRA"
     before = top_rows(Image.open(before_path).convert("RGB"), args.rows, ncol)
     after = top_rows(Image.open(after_path).convert("RGB"), args.rows, ncol)
     canvas = Image.new("RGB", (before.width + GAP + after.width, CAPTION + before.height), "white")
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     canvas.paste(after, (before.width + GAP, CAPTION))
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 6), "base (step 0)", fill="black")
-    draw.text((before.width + GAP + 4, 6), f"{args.label} (step {step})", fill="black")
+    draw.text((before.width + GAP + 4, 6), f"{label} (step {step})", fill="black")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(args.out)
     print(f"wrote {args.out} ({before_path.name} | {after_path.name})")
