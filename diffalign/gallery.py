@@ -17,17 +17,24 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def slug(text: str, max_len: int = 40) -> str:
+    """A file-name-safe form of ``text``: lower case, runs of other characters as ``-``, at most ``max_len``."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len] or "prompt"
 
 
-def save_images(images: torch.Tensor, out_dir: Path, captions: list[str] | None = None) -> list[Path]:
-    """Write ``images`` [B, 3, H, W] as ``00000_<caption-slug>.png`` files; returns the paths."""
+def image_name(index: int, caption: str | None = None) -> str:
+    """The file name of image number ``index``: ``00012_<caption-slug>.png`` (or ``00012.png``)."""
+    return f"{index:05d}" + (f"_{slug(caption)}" if caption else "") + ".png"
+
+
+def save_images(images: torch.Tensor, out_dir: Path, captions: list[str] | None = None, start: int = 0) -> list[Path]:
+    """Write ``images`` [B, 3, H, W] as :func:`image_name` files numbered from ``start``; returns the paths."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
-        name = f"{i:05d}" + (f"_{slug(captions[i])}" if captions else "") + ".png"
-        to_pil(image).save(out_dir / name)
-        paths.append(out_dir / name)
+        path = out_dir / image_name(start + i, captions[i] if captions else None)
+        to_pil(image).save(path)
+        paths.append(path)
     return paths
 
 
@@ -45,6 +52,8 @@ def grid(images: torch.Tensor, ncol: int, pad: int = 2, scale: int = 1) -> Image
 
 
 def save_grid(images: torch.Tensor, path: Path, ncol: int = 8, scale: int = 2) -> Path:
+    """Write :func:`grid` of ``images`` (``ncol`` per row, upscaled ``scale`` times) to ``path``; returns it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(images, ncol, scale=scale).save(path)
     return path

@@ -1,9 +1,11 @@
 """``diffalign score``: score a folder of images with one or more rewards; write CSV or JSONL.
 
 One row per image: ``file``, ``prompt`` and one column per reward (named after the reward; the full
-spec when two rewards share a name). Prompts come from a text file (one line per image, matched to
-the images sorted by file name, or a single line for all) or a JSONL file of
-``{"file": ..., "prompt": ...}`` objects.
+spec when two rewards share a name), plus ``weighted_sum`` = sum_i w_i r_i when any spec sets
+``weight=`` (rewards without it weigh 1). Prompts come from a text file (one line per image, matched
+to the images sorted by file name, or a single line for all) or a JSONL file of
+``{"file": ..., "prompt": ...}`` objects (other keys, such as the ``seed`` that ``diffalign sample``
+writes, are ignored).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -21,15 +24,21 @@ from diffalign.errors import DiffalignError
 from reward_models.loading import load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-EPILOG = """example:
-  diffalign score --reward jpeg_compressibility --reward shapes_gold:mode=correct \\
-      --reward clip_score:model=ViT-B-32,pretrained=openai,weight=0.5 \\
-      --images runs/exp1/samples --prompts runs/exp1/prompts.txt --out runs/exp1/scores.csv
+WEIGHTED_SUM = "weighted_sum"
+EPILOG = """examples:
+  diffalign sample --model assets/shapes-sd --prompt 'two red circles' --n 8 --out outputs/samples
+  diffalign score --reward shapes_gold --reward jpeg_compressibility:weight=0.01 \\
+      --images outputs/samples --prompts outputs/samples/prompts.jsonl --out outputs/scores.csv
 
 prompts: a .txt file with one line per image (images sorted by file name) or a single line for all,
-or a .jsonl file of {"file": "NAME.png", "prompt": "..."} objects. --out ending in .csv writes CSV,
-anything else JSONL. Reward specs: NAME[:key=value,...] or pkg.module:ClassName[:key=value,...];
-see reward_models/README.md for the rewards and their options."""
+or a .jsonl file of {"file": "NAME.png", "prompt": "..."} objects (other keys, such as the "seed"
+that `diffalign sample` writes into its prompts.jsonl, are ignored). Only the images directly inside
+--images are scored (not sample's grid/ subfolder). --out ending in .csv writes CSV, anything else JSONL.
+
+columns: file, prompt, one per reward (its name; the full spec when two share a name) and, when any
+--reward sets weight=W, weighted_sum = sum of w_i * r_i over the rewards (w_i = 1 where weight= is not
+given). Reward specs: NAME[:key=value,...,weight=W] or pkg.module:ClassName[:key=value,...]; see
+reward_models/README.md for the rewards and their options."""
 
 
 def list_images(images_dir: Path) -> list[Path]:
@@ -46,12 +55,18 @@ def list_images(images_dir: Path) -> list[Path]:
 def read_prompts(prompts: Path, files: list[Path]) -> list[str]:
     """One prompt per image file, from a ``.txt`` (per line or one line for all) or ``.jsonl`` file."""
     prompts = Path(prompts)
+    if prompts.is_dir():
+        raise DiffalignError(f"prompts file {str(prompts)!r} is a directory; give a .txt or .jsonl file")
     if not prompts.is_file():
         raise DiffalignError(f"prompts file {str(prompts)!r} does not exist")
     try:
         text = prompts.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DiffalignError(f"cannot read prompts file {str(prompts)!r}: {err}") from err
+    except UnicodeDecodeError as err:
+        raise DiffalignError(
+            f"prompts file {str(prompts)!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise DiffalignError(f"cannot read prompts file {str(prompts)!r}: {err.strerror or err}") from None
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
@@ -71,7 +86,11 @@ def read_prompts(prompts: Path, files: list[Path]) -> list[str]:
                 or not isinstance(row.get("file"), str)
                 or not isinstance(row.get("prompt"), str)
             ):
-                raise DiffalignError(f'{prompts}:{number}: expected {{"file": "NAME.png", "prompt": "..."}}')
+                got = type(row).__name__ if not isinstance(row, dict) else f"keys {sorted(row)}"
+                raise DiffalignError(
+                    f'{prompts}:{number}: expected an object {{"file": "NAME.png", "prompt": "..."}} with string '
+                    f"values, got {got}"
+                )
             by_file[Path(row["file"]).name] = row["prompt"]
         missing = [f.name for f in files if f.name not in by_file]
         if missing:
@@ -94,6 +113,35 @@ def _columns(rewards: list[Any]) -> list[str]:
     return [str(r.spec) if names.count(r.name) > 1 else r.name for r in rewards]
 
 
+def check_output_file(out: Path) -> Path:
+    """Check that file ``out`` can be written (not a directory, under a writable directory) without creating it."""
+    from diffalign.cli import nearest_existing
+
+    out = Path(out)
+    if out.is_dir():
+        raise DiffalignError(f"--out {str(out)!r} is a directory; give a file path ending in .csv or .jsonl")
+    ancestor = nearest_existing(out.parent)
+    if not ancestor.is_dir():
+        raise DiffalignError(f"cannot write --out {str(out)!r}: {str(ancestor)!r} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DiffalignError(f"cannot write --out {str(out)!r}: {str(ancestor)!r} is not writable; pick another path")
+    return out
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """:func:`reward_models.loading.load_image`, with any failure to decode the file as a DiffalignError naming it."""
+    from reward_models.loading import one_line
+
+    try:
+        return load_image(path)
+    except DiffalignError:
+        raise
+    except Exception as err:  # PIL raises SyntaxError, DecompressionBombError, ... for some broken files
+        raise DiffalignError(
+            f"cannot read image {str(path)!r}: {type(err).__name__}: {one_line(err)}; fix or remove the file"
+        ) from None
+
+
 def score_images(
     reward_specs: list[str],
     images_dir: Path,
@@ -104,12 +152,14 @@ def score_images(
 ) -> Path:
     """Score every image in ``images_dir`` with each reward; write ``out`` (CSV if ``.csv``, else JSONL).
 
-    Images of different sizes are batched separately. Returns ``out``. Raises DiffalignError for an
-    empty or mismatched prompts file, a directory without images, an unreadable image, a bad reward
-    spec or a bad device.
+    Images of different sizes are batched separately. When any spec sets ``weight=``, a
+    ``weighted_sum`` column holds sum_i w_i r_i (weight 1 where not given). Returns ``out``. Raises
+    DiffalignError for an empty, unreadable or mismatched prompts file, a directory without images, an
+    unreadable image, a bad reward spec, a bad device or an ``out`` that cannot be written.
     """
     from tqdm import tqdm
 
+    from diffalign.combine import check_weights
     from reward_models import RewardSpec, get_reward
     from reward_models.registry import reward_class
 
@@ -123,19 +173,23 @@ def score_images(
         raise DiffalignError(f"unknown device {device!r}: {err}") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DiffalignError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    for spec in reward_specs:  # fail fast on a misspelt reward, before reading any image
-        reward_class(RewardSpec.parse(spec).name)
+    parsed = [RewardSpec.parse(spec) for spec in reward_specs]
+    for spec in parsed:  # fail fast on a misspelt reward, before reading any image
+        reward_class(spec.name)
+    out = check_output_file(Path(out))
     files = list_images(Path(images_dir))
     prompt_list = read_prompts(Path(prompts), files)
     rewards = [get_reward(spec, device=dev) for spec in reward_specs]
     columns = _columns(rewards)
+    combine = any("weight" in spec.raw for spec in parsed)
+    weights = check_weights(columns, [spec.weight for spec in parsed]) if combine else []
     scores: dict[str, list[float]] = {c: [0.0] * len(files) for c in columns}
     with tqdm(total=len(files), unit="img", desc="scoring") as bar:
         for start in range(0, len(files), batch_size):
             idx = list(range(start, min(start + batch_size, len(files))))
             by_size: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
             for i in idx:
-                img = load_image(files[i])
+                img = read_image(files[i])
                 by_size[tuple(img.shape[-2:])].append((i, img))
             for group in by_size.values():
                 ids = [i for i, _ in group]
@@ -147,50 +201,74 @@ def score_images(
                     for i, v in zip(ids, values, strict=True):
                         scores[column][i] = float(v)
             bar.update(len(idx))
+    fields = [*columns, WEIGHTED_SUM] if combine else columns
+    if combine:
+        scores[WEIGHTED_SUM] = [
+            sum(w * scores[c][i] for w, c in zip(weights, columns, strict=True)) for i in range(len(files))
+        ]
     rows = [
-        {"file": f.name, "prompt": p, **{c: scores[c][i] for c in columns}}
+        {"file": f.name, "prompt": p, **{c: scores[c][i] for c in fields}}
         for i, (f, p) in enumerate(zip(files, prompt_list, strict=True))
     ]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8", newline="") as fh:
-        if out.suffix.lower() == ".csv":
-            writer = csv.DictWriter(fh, fieldnames=["file", "prompt", *columns])
-            writer.writeheader()
-            writer.writerows(rows)
-        else:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", encoding="utf-8", newline="") as fh:
+            if out.suffix.lower() == ".csv":
+                writer = csv.DictWriter(fh, fieldnames=["file", "prompt", *fields])
+                writer.writeheader()
+                writer.writerows(rows)
+            else:
+                for row in rows:
+                    fh.write(json.dumps(row) + "\n")
+    except OSError as err:
+        raise DiffalignError(f"cannot write --out {str(out)!r}: {err.strerror or err}") from None
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``diffalign score`` (``args`` from the parser :func:`register` builds)."""
     out = score_images(args.reward, args.images, args.prompts, args.out, args.batch_size, args.device)
-    print(f"wrote scores to {out}")
+    print(f"diffalign score: wrote scores to {out}")
     return 0
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``score`` subcommand to an ``argparse`` subparsers object; ``func`` is :func:`run`."""
+    from diffalign.cli import HelpFormatter
+
     parser = subparsers.add_parser(
         "score",
         help="score a folder of images with one or more rewards",
         description="Score every image in a folder with one or more rewards and write CSV or JSONL.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--reward",
         action="append",
         required=True,
         metavar="NAME[:key=value,...]",
-        help="a reward spec; repeat for several (e.g. clip_score:model=ViT-B-32,pretrained=openai)",
+        help="a reward spec; repeat for several (e.g. clip_score:model=ViT-B-32,pretrained=openai); "
+        f"weight=W on any adds the {WEIGHTED_SUM} column",
     )
-    parser.add_argument("--images", type=Path, required=True, metavar="DIR", help="folder of images")
-    parser.add_argument("--prompts", type=Path, required=True, metavar="FILE", help="prompts .txt or .jsonl")
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="output .csv or .jsonl")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (default 16)")
-    parser.add_argument("--device", default="cpu", metavar="D", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder of images (only the files directly inside are scored)",
+    )
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="prompts .txt or .jsonl, e.g. sample's OUT/prompts.jsonl",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="FILE", help="output file: .csv writes CSV, else JSONL"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch")
+    parser.add_argument("--device", default="cpu", metavar="D", help="torch device, e.g. cpu or cuda")
     parser.set_defaults(func=run)
     return parser

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
-from diffalign.cli import main
+from diffalign.cli import main, read_prompts
+from diffalign.errors import DiffalignError
 
 
-def test_sample_writes_images_and_grid(sd_dir, tmp_path):
+def test_sample_writes_images_prompts_and_grid(sd_dir, tmp_path):
     out = tmp_path / "samples"
     assert (
         main(
@@ -31,7 +33,10 @@ def test_sample_writes_images_and_grid(sd_dir, tmp_path):
         == 0
     )
     assert len(list(out.glob("0000*_a-red-circle.png"))) == 3
-    assert (out / "grid.png").is_file()
+    assert len(list(out.glob("*.png"))) == 3  # the grid is kept apart, in a subfolder
+    assert (out / "grid" / "grid.png").is_file()
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [0, 1, 2] and {r["prompt"] for r in rows} == {"a red circle"}
 
 
 @pytest.mark.parametrize(
@@ -40,7 +45,6 @@ def test_sample_writes_images_and_grid(sd_dir, tmp_path):
         (["--model", "./no/such/dir", "--prompt", "x"], "no pipeline directory at ./no/such/dir"),
         (["--model", "M", "--prompt", " "], "--prompt is empty"),
         (["--model", "M", "--prompts", "missing.txt"], "prompt file missing.txt does not exist"),
-        (["--model", "M"], "give --prompt TEXT or --prompts FILE"),
     ],
 )
 def test_sample_errors_are_one_line(args, message, tmp_path, capsys):
@@ -56,9 +60,22 @@ def test_empty_prompt_file(tmp_path, capsys):
     assert "has no prompts: write one prompt per line" in capsys.readouterr().err
 
 
+def test_read_prompts_errors(tmp_path):
+    with pytest.raises(DiffalignError, match="give --prompt TEXT or --prompts FILE"):
+        read_prompts(None, None)
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe a red circle\n")
+    with pytest.raises(DiffalignError, match=r"bad.txt is not UTF-8 text \(invalid start byte at byte 0\)"):
+        read_prompts(None, str(tmp_path / "bad.txt"))
+    with pytest.raises(DiffalignError, match="is a directory"):
+        read_prompts(None, str(tmp_path))
+    (tmp_path / "ok.txt").write_text("  a red circle \n\n two blue squares\n", encoding="utf-8")
+    assert read_prompts(None, str(tmp_path / "ok.txt")) == ["a red circle", "two blue squares"]
+
+
 def test_module_entry_point_and_help():
     out = subprocess.run(
         [sys.executable, "-m", "diffalign", "--help"], capture_output=True, text=True, check=True
     ).stdout
     for command in ("sample", "score", "reno"):
         assert command in out
+    assert "--prompts outputs/samples/prompts.jsonl" in out

@@ -149,3 +149,101 @@ def test_register_score_subcommand(folder: tuple[Path, list[str], torch.Tensor],
     assert args.func(args) == 0
     with (tmp_path / "o.csv").open() as fh:
         assert [float(r["shapes_gold"]) for r in csv.DictReader(fh)] == [1.0, 1.0, 1.0]
+
+
+def _png_tensor(path: Path) -> torch.Tensor:
+    """An image read independently of reward_models.loading: PIL -> [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def test_weighted_sum_column(folder: tuple[Path, list[str], torch.Tensor], tmp_path: Path) -> None:
+    images_dir, prompts, _ = folder
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    spec_list = ["shapes_gold:weight=2", "jpeg_compressibility:weight=-0.5", "shapes_gold:mode=correct"]
+    out = score_images(spec_list, images_dir, tmp_path / "p.txt", tmp_path / "w.csv", batch_size=2)
+    with out.open() as fh:
+        rows = list(csv.DictReader(fh))
+    columns = ["shapes_gold:weight=2", "jpeg_compressibility", "shapes_gold:mode=correct", "weighted_sum"]
+    assert list(rows[0]) == ["file", "prompt", *columns]
+    images = torch.stack([_png_tensor(images_dir / name) for name in ("a.png", "b.png", "c.png")])
+    gold = get_reward("shapes_gold")(images, prompts)
+    jpeg = get_reward("jpeg_compressibility")(images, prompts)
+    correct = get_reward("shapes_gold:mode=correct")(images, prompts)
+    expected = 2.0 * gold - 0.5 * jpeg + 1.0 * correct  # no weight= on the third: weight 1
+    np.testing.assert_allclose([float(r["weighted_sum"]) for r in rows], expected.numpy(), rtol=1e-5)
+    assert float(rows[0]["weighted_sum"]) > 3.0  # gold 1, correct 1 and a negative jpeg score times -0.5
+    # weight=1 written out still asks for the column; no weight= anywhere: no column
+    out = score_images(["jpeg_compressibility:weight=1"], images_dir, tmp_path / "p.txt", tmp_path / "w.jsonl")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["weighted_sum"] == r["jpeg_compressibility"] for r in rows)
+    out = score_images(["jpeg_compressibility"], images_dir, tmp_path / "p.txt", tmp_path / "n.jsonl")
+    assert "weighted_sum" not in json.loads(out.read_text().splitlines()[0])
+    for bad in ("nan", "1e999"):  # refused by RewardSpec.parse or by the finiteness check
+        with pytest.raises(DiffalignError, match="weight must be a number|finite"):
+            score_images([f"shapes_gold:weight={bad}"], images_dir, tmp_path / "p.txt", tmp_path / "x.jsonl")
+
+
+def test_jsonl_prompts_with_extra_keys(folder: tuple[Path, list[str], torch.Tensor], tmp_path: Path) -> None:
+    images_dir, prompts, _ = folder
+    lines = [
+        json.dumps({"file": name, "prompt": p, "seed": seed, "note": None})
+        for seed, (name, p) in enumerate(zip(["a.png", "b.png", "c.png"], prompts, strict=True))
+    ]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    out = score_images(["shapes_gold"], images_dir, tmp_path / "p.jsonl", tmp_path / "s.jsonl")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts and set(rows[0]) == {"file", "prompt", "shapes_gold"}
+
+
+def _corrupt_png(source: Path) -> bytes:
+    """``source`` with its first IDAT chunk's length set to 0: PIL raises SyntaxError ("broken PNG file")."""
+    data = bytearray(source.read_bytes())
+    at = data.index(b"IDAT") - 4
+    data[at : at + 4] = b"\0\0\0\0"
+    return bytes(data)
+
+
+def test_score_cli_bad_inputs(
+    folder: tuple[Path, list[str], torch.Tensor], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from diffalign.cli import main
+
+    images_dir, prompts, _ = folder
+    good = tmp_path / "p.txt"
+    good.write_text("\n".join(prompts) + "\n")
+    a_file = tmp_path / "existing.txt"
+    a_file.write_text("keep me")
+
+    def error(prompts_file: Path, out: Path, images: Path = images_dir) -> str:
+        args = ["score", "--reward", "shapes_gold", "--images", str(images), "--prompts", str(prompts_file)]
+        assert main([*args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        line = err.splitlines()[-1]  # above it, at most the scoring progress bar
+        assert "Traceback" not in err and line.startswith("diffalign score: error: ")
+        return line
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("un cercle rouge \xe9t\xe9\n".encode("latin-1"))
+    assert "is not UTF-8 text" in error(latin1, tmp_path / "s.csv")
+    assert "is a directory; give a .txt or .jsonl file" in error(images_dir, tmp_path / "s.csv")
+    not_object = tmp_path / "list.jsonl"
+    not_object.write_text(json.dumps({"file": "a.png", "prompt": prompts[0]}) + "\n" + '["b.png", "x"]\n')
+    assert "list.jsonl:2: expected an object" in error(not_object, tmp_path / "s.csv")
+    assert "got list" in error(not_object, tmp_path / "s.csv")
+    assert "is a directory; give a file path" in error(good, tmp_path)  # --out an existing directory
+    assert "is a file, not a directory" in error(good, a_file / "scores.csv")  # fails for root too
+    assert a_file.read_text() == "keep me"
+    assert not (tmp_path / "s.csv").exists()
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (broken / name).write_bytes((images_dir / name).read_bytes())
+    (broken / "b.png").write_bytes(_corrupt_png(images_dir / "b.png"))
+    err = error(good, tmp_path / "s.csv", broken)
+    assert "cannot read image" in err and "b.png" in err and "fix or remove the file" in err
+    (broken / "b.png").write_bytes((images_dir / "b.png").read_bytes()[:200])  # truncated
+    err = error(good, tmp_path / "s.csv", broken)
+    assert "cannot read image" in err and "b.png" in err and "truncated" in err
+    assert sorted(p.name for p in broken.iterdir()) == ["a.png", "b.png", "c.png"]
+    assert not (tmp_path / "s.csv").exists()

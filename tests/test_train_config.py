@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -121,3 +123,10 @@ def test_shipped_configs_load():
             assert cfg.model.pretrained == "assets/shapes-sd" and cfg.reward.rewards == ["shapes_clip"]
             assert cfg.eval.gold == "auto" and cfg.prompts.eval == "shapes:heldout"
     assert methods == {"alignprop", "draft_k", "draft_lv", "refl", "ddpo"}
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("configs/*/*.yaml")), ids=str)
+def test_every_shipped_config_loads_and_validates(path):
+    """The GPU recipes never ran on a GPU here, but each one parses and passes validation on CPU."""
+    cfg = DiffalignConfig.from_yaml(str(path))
+    assert cfg.train.method in path.read_text()

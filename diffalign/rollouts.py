@@ -1,0 +1,318 @@
+"""Shared on-policy rollouts: groups of samples per prompt, advantages, step subsampling, paired noise.
+
+Pure functions over tensors (no trainer, no model, no devices chosen here) that DDPO, GRPO, PRDP,
+D3PO and Adv-GRPO stand on (DESIGN.md, "Shared on-policy rollouts"; spec ../shared/specs/algorithms.md
+§2, §4, §5.1, §6):
+
+- :func:`grouped_prompts` lays out G samples per prompt so that a group never straddles processes and
+  gives every sample the global id of its group;
+- :func:`local_share` takes this process's rows back out of a gathered tensor;
+- :func:`group_advantages` turns the gathered rewards into group-relative advantages (GRPO);
+- :func:`timestep_subsample` draws the trained steps of each trajectory (DDPO / Flow-GRPO
+  ``timestep_fraction``), with one permutation shared by the two trajectories of a pair (D3PO, PRDP);
+- :func:`shared_noise_pairs` draws initial latents shared by the two samples of a pair (D3PO);
+- :class:`Trajectories` is what a rollout collects, with ``select`` for minibatches.
+
+Layout over processes. accelerate's ``gather`` concatenates per-process tensors in process order, so
+with P processes holding n samples each, rows ``p*n .. p*n+n-1`` of a gathered tensor belong to
+process p. Everything here assumes that layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+
+Index = torch.Tensor | Sequence[int] | slice
+
+
+# ------------------------------------------------------------------------------------- advantages
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    std: Literal["group", "global"] = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Group-relative advantages of GRPO (Shao et al. 2024, arXiv 2402.03300, Sec. 4.1.2, "outcome
+    supervision"; Flow-GRPO, Liu et al. 2025, arXiv 2505.05470, its group-relative advantage; spec §6.1
+    "Advantages (GRPO)")::
+
+        A_i = (r_i - mean_{j in g(i)} r_j) / (s + eps)
+
+    ``s`` is the population standard deviation (``unbiased=False``, numpy's default ``ddof=0``, as
+    flow_grpo's ``stat_tracking.py`` computes it) of the rewards of the group g(i) (``std="group"``)
+    or of all N rewards (``std="global"``; DanceGRPO, and Flow-GRPO with ``global_std=True``, which
+    is what every shipped Flow-GRPO config uses). ``eps = 1e-4`` is Flow-GRPO's constant.
+
+    Every sample of a group whose rewards are all equal (zero variance, in particular a group of one)
+    gets exactly 0 (never NaN, even with ``eps=0``); equal rewards inside a group get equal
+    advantages. ``group_ids`` are arbitrary integers (not necessarily contiguous). Computed in
+    float64, returned in the dtype of ``rewards``. No advantage clipping here (clamp to
+    ``±adv_clip_max`` afterwards, as spec §2.2 / §6.1 do).
+    """
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if group_ids.shape != rewards.shape:
+        raise ValueError(f"group_ids shape {tuple(group_ids.shape)} != rewards shape {tuple(rewards.shape)}")
+    if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+    if std not in ("group", "global"):
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if rewards.numel() == 0:
+        return rewards.clone()
+    r = rewards.detach().double()
+    _, inverse = torch.unique(group_ids.to(r.device), return_inverse=True)
+    num_groups = int(inverse.max()) + 1
+    count = torch.zeros(num_groups, dtype=r.dtype, device=r.device).index_add_(0, inverse, torch.ones_like(r))
+    mean = torch.zeros_like(count).index_add_(0, inverse, r) / count
+    centered = r - mean[inverse]
+    if std == "group":
+        var = torch.zeros_like(count).index_add_(0, inverse, centered**2) / count
+        scale = var.sqrt()[inverse]
+    else:
+        scale = r.std(unbiased=False).expand_as(r)
+    # a constant group: exactly 0, not round-off of (r - mean) nor 0 / 0
+    lo = torch.full_like(count, float("inf")).scatter_reduce_(0, inverse, r, reduce="amin")
+    hi = torch.full_like(count, float("-inf")).scatter_reduce_(0, inverse, r, reduce="amax")
+    constant = (lo == hi)[inverse]
+    adv = torch.where(constant, torch.zeros_like(r), centered / (scale + eps))
+    return adv.to(rewards.dtype)
+
+
+# --------------------------------------------------------------------------------- process layout
+def local_share(gathered: torch.Tensor, process_index: int, num_processes: int) -> torch.Tensor:
+    """This process's rows of a tensor gathered over ``num_processes`` processes.
+
+    accelerate's ``gather`` concatenates the per-process tensors (n rows each) along dim 0 in process
+    order, so process p owns rows ``[p*n, (p+1)*n)``. Raises ValueError when the row count does not
+    divide by ``num_processes`` or the index is out of range.
+    """
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} out of range for {num_processes} processes")
+    if gathered.ndim == 0 or gathered.shape[0] % num_processes:
+        size = tuple(gathered.shape)
+        raise ValueError(f"a gathered tensor of shape {size} does not split into {num_processes} equal shares")
+    n = gathered.shape[0] // num_processes
+    return gathered[process_index * n : (process_index + 1) * n]
+
+
+def grouped_prompts(
+    prompts: list[str], group_size: int, num_processes: int, process_index: int
+) -> tuple[list[str], list[int]]:
+    """This process's samples for one step of G samples per prompt, and the global group id of each.
+
+    ``prompts`` is the global list of M prompts of the step (the same list on every process, M
+    divisible by P = ``num_processes``). Process p takes the contiguous block of m = M / P prompts
+    ``prompts[p*m : (p+1)*m]`` and repeats each one G = ``group_size`` times in a row, so a group
+    never straddles processes::
+
+        process 0: [q_0]*G + [q_1]*G + ... + [q_{m-1}]*G      ids [0]*G + [1]*G + ... + [m-1]*G
+        process 1: [q_m]*G + ...                               ids [m]*G + ...
+
+    The id of a sample is the position of its prompt in the global list. Gathering the ids of all
+    processes (concatenation in process order) gives ``[0]*G + [1]*G + ... + [M-1]*G``: one id per
+    group, unique over processes, the layout that :func:`group_advantages` and :func:`local_share`
+    expect. Ids name slots, not strings: a prompt listed twice forms two groups.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} out of range for {num_processes} processes")
+    if len(prompts) % num_processes:
+        raise ValueError(f"{len(prompts)} prompts do not split into {num_processes} equal shares")
+    m = len(prompts) // num_processes
+    start = process_index * m
+    local = [p for p in prompts[start : start + m] for _ in range(group_size)]
+    ids = [start + j for j in range(m) for _ in range(group_size)]
+    return local, ids
+
+
+# ----------------------------------------------------------------------------------- subsampling
+def timestep_subsample(
+    num_trajectories: int,
+    num_steps: int,
+    fraction: float,
+    generator: torch.Generator,
+    pair_with: torch.Tensor | None = None,
+    *,
+    shuffle: bool = True,
+) -> torch.Tensor:
+    """Indices [N, K] of the sampling steps each trajectory trains on, K = max(1, int(T * fraction)).
+
+    DDPO (spec §2.2, ``timestep_fraction``; ddpo-pytorch permutes the step axis of every trajectory
+    independently and trains the first ``int(T * fraction)`` entries): row i holds the first K entries
+    of a uniformly random permutation of ``0..T-1`` drawn for trajectory i, so the entries of a row
+    are distinct. ``shuffle=False`` gives every row ``0..K-1`` instead (Flow-GRPO, spec §6.1: steps
+    trained in order, so with fraction 0.99 of T = 10 the last step is never trained).
+
+    ``pair_with[i] = j`` makes trajectory i use trajectory j's permutation (both members of a D3PO or
+    PRDP pair train the same timestep, spec §5.1); an owner points at itself
+    (``pair_with[j] = j``), so pairs (2k, 2k+1) are ``pair_with = [0, 0, 2, 2, ...]``. Chains are
+    rejected (ValueError): every target must be its own owner.
+
+    Deterministic given the state of ``generator``, which advances by N*T uniform draws with
+    ``shuffle=True`` (paired or not) and not at all with ``shuffle=False``. Returned on the
+    generator's device, dtype long.
+    """
+    if num_trajectories < 0 or num_steps < 1:
+        raise ValueError(f"need num_trajectories >= 0 and num_steps >= 1, got {num_trajectories}, {num_steps}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    k = max(1, int(num_steps * fraction))
+    device = generator.device
+    if shuffle:  # argsort of i.i.d. uniforms: a uniformly random permutation per row
+        perms = torch.argsort(torch.rand(num_trajectories, num_steps, generator=generator, device=device), dim=1)
+    else:
+        perms = torch.arange(num_steps, device=device).expand(num_trajectories, num_steps)
+    if pair_with is not None:
+        pair_with = torch.as_tensor(pair_with, device=device)
+        if pair_with.shape != (num_trajectories,) or pair_with.dtype.is_floating_point or pair_with.dtype == torch.bool:
+            raise ValueError(f"pair_with must be an integer tensor of shape [{num_trajectories}]")
+        if num_trajectories and (pair_with.min() < 0 or pair_with.max() >= num_trajectories):
+            raise ValueError("pair_with entries must index trajectories 0..N-1")
+        if not torch.equal(pair_with[pair_with], pair_with):
+            raise ValueError("pair_with must point at owners (pair_with[pair_with[i]] == pair_with[i])")
+        perms = perms[pair_with.long()]
+    return perms[:, :k].contiguous()
+
+
+def shared_noise_pairs(
+    generator: torch.Generator,
+    shape: Sequence[int],
+    n_pairs: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Initial latents x_T [2 * n_pairs, *shape] ~ N(0, I) where samples 2k and 2k+1 are identical.
+
+    D3PO samples the two trajectories of a pair from the same x_T with independent per-step noise
+    (spec §5.1, "Data generation"). ``shape`` is one sample's latent shape (C, H, W); the noise is
+    drawn on the generator's device (n_pairs draws, in pair order) and then moved to ``device``.
+    For DDIM ``init_noise_sigma`` is 1, so these are ready x_T; equivalently, pass the trainer's
+    ``initial_latents(n_pairs)`` through ``repeat_interleave(2, dim=0)``.
+    """
+    if n_pairs < 0:
+        raise ValueError(f"n_pairs must be >= 0, got {n_pairs}")
+    noise = torch.randn((n_pairs, *shape), generator=generator, device=generator.device, dtype=dtype)
+    return noise.repeat_interleave(2, dim=0).to(device if device is not None else generator.device)
+
+
+# ---------------------------------------------------------------------------------- trajectories
+@dataclass
+class Trajectories:
+    """What an on-policy rollout collects for N samples of T steps (spec §1.5).
+
+    latents      [N, T+1, ...]  x_T ... x_0; ``latents[:, k]`` is the state before step k, ``[:, k+1]`` after
+    log_probs    [N, T]         log pi_old(x_{k+1} | x_k, c) at sampling time (no grad, mean-reduced, spec §1.2)
+    timesteps    [T] or [N, T]  the diffusion timestep of each step (shared, or per sample)
+    prompts      N strings      the prompt of each sample
+    prompt_keys  N strings      the key prompts are grouped / tracked by (DDPO: decoded tokenizer output)
+    group_ids    [N] long       global group id of each sample (see :func:`grouped_prompts`)
+    rewards      name -> [N]    each reward's values
+    reward       [N]            the combined (weighted) reward
+    advantages   [N] or None    filled in by the method once computed over the gathered batch
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    prompts: list[str]
+    prompt_keys: list[str]
+    group_ids: torch.Tensor
+    rewards: dict[str, torch.Tensor] = field(default_factory=dict)
+    reward: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.latents.shape[0]
+        steps = self.log_probs.shape[1] if self.log_probs.ndim == 2 else -1
+        if self.log_probs.shape != (n, steps) or self.latents.ndim < 2 or self.latents.shape[1] != steps + 1:
+            raise ValueError(
+                f"need latents [N, T+1, ...] and log_probs [N, T], got {tuple(self.latents.shape)} and "
+                f"{tuple(self.log_probs.shape)}"
+            )
+        if self.timesteps.shape not in ((steps,), (n, steps)):
+            raise ValueError(
+                f"timesteps must be [T] or [N, T] with N={n}, T={steps}, got {tuple(self.timesteps.shape)}"
+            )
+        if len(self.prompts) != n or len(self.prompt_keys) != n or self.group_ids.shape != (n,):
+            raise ValueError(f"prompts, prompt_keys and group_ids must have N={n} entries")
+        for name, value in [*self.rewards.items(), ("reward", self.reward), ("advantages", self.advantages)]:
+            if value is not None and value.shape[:1] != (n,):
+                raise ValueError(f"{name} must have N={n} rows, got shape {tuple(value.shape)}")
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    def select(self, index: Index) -> Trajectories:
+        """The sub-batch of the given samples (a list / long tensor of indices, a bool mask or a slice)."""
+        if isinstance(index, slice):
+            rows = torch.arange(len(self))[index]
+        else:
+            rows = torch.as_tensor(index)
+            if rows.dtype == torch.bool:
+                if rows.shape != (len(self),):
+                    raise ValueError(f"a mask must have shape [{len(self)}], got {tuple(rows.shape)}")
+                rows = rows.nonzero().flatten()
+            rows = rows.long().cpu().reshape(-1)
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows.to(t.device)]
+
+        ids = rows.tolist()
+        return Trajectories(
+            latents=take(self.latents),
+            log_probs=take(self.log_probs),
+            timesteps=self.timesteps if self.timesteps.ndim == 1 else take(self.timesteps),
+            prompts=[self.prompts[i] for i in ids],
+            prompt_keys=[self.prompt_keys[i] for i in ids],
+            group_ids=take(self.group_ids),
+            rewards={k: take(v) for k, v in self.rewards.items()},
+            reward=take(self.reward),
+            advantages=take(self.advantages),
+        )
+
+    @classmethod
+    def cat(cls, parts: Sequence[Trajectories]) -> Trajectories:
+        """Concatenate rollouts (e.g. several sampling batches of one step) along the sample axis.
+
+        Shared [T] timesteps must be equal in every part; per-sample ones are concatenated. Optional
+        tensors (``reward``, ``advantages``) must be present in all parts or in none.
+        """
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        first = parts[0]
+        out: dict = {}
+        for f in fields(cls):
+            values = [getattr(p, f.name) for p in parts]
+            if f.name in ("prompts", "prompt_keys"):
+                out[f.name] = [s for v in values for s in v]
+            elif f.name == "rewards":
+                names = set(first.rewards)
+                if any(set(v) != names for v in values):
+                    raise ValueError("every part must carry the same rewards")
+                out[f.name] = {k: torch.cat([v[k] for v in values]) for k in first.rewards}
+            elif f.name == "timesteps" and first.timesteps.ndim == 1:
+                if any(v.ndim != 1 or not torch.equal(v, first.timesteps) for v in values):
+                    raise ValueError("parts with shared [T] timesteps must have the same timesteps")
+                out[f.name] = first.timesteps
+            elif all(v is None for v in values):
+                out[f.name] = None
+            elif any(v is None for v in values):
+                raise ValueError(f"{f.name} is set in some parts only")
+            else:
+                out[f.name] = torch.cat(values)
+        return cls(**out)
