@@ -201,20 +201,39 @@ class DiffalignConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> DiffalignConfig:
-        """Load ``path`` and apply ``overrides`` (``section.key=value``)."""
+        """Load ``path`` and apply ``overrides`` (``section.key=value``).
+
+        A missing path, a directory, a file that is not UTF-8 text or not valid YAML, or YAML whose
+        top level is not a mapping of sections is a one-line :class:`DiffalignError`.
+        """
         file = Path(path)
+        examples = "see configs/shapes/*.yaml for examples"
+        if file.is_dir():
+            raise DiffalignError(f"config file {str(path)!r} is a directory; pass a YAML file, {examples}")
         if not file.is_file():
-            raise DiffalignError(f"config file {str(path)!r} does not exist; see configs/shapes/*.yaml for examples")
+            raise DiffalignError(f"config file {str(path)!r} does not exist; {examples}")
         try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise DiffalignError(
+                f"config file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML, {examples}"
+            ) from None
+        except OSError as err:
+            raise DiffalignError(f"cannot read config file {path}: {err.strerror or err}") from None
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or type(err).__name__
-            raise DiffalignError(f"config file {path}{where}: invalid YAML ({problem})") from None
+            problem = " ".join(str(getattr(err, "problem", None) or type(err).__name__).split())
+            fix = "fix that line" if mark is not None else "fix the file"
+            raise DiffalignError(f"config file {path}{where}: invalid YAML ({problem}); {fix}, {examples}") from None
         if data is not None and not isinstance(data, dict):
-            raise DiffalignError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
-        return cls.from_dict(data, overrides)
+            raise DiffalignError(
+                f"config file {path} must hold a mapping of sections (model:, train:, ...), not a {type(data).__name__}; "
+                f"{examples}"
+            )
+        return cls.from_dict(resolve_config_paths(data, file.parent, overrides), overrides)
 
     # ----------------------------------------------------------------------------- writing
     def to_dict(self) -> dict[str, Any]:
@@ -244,6 +263,106 @@ class DiffalignConfig:
 
         walk(self.to_dict(), "")
         return out
+
+
+# ----------------------------------------------------------------------------------------- paths
+_LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model directory (clip_score:model=local-dir:DIR)
+
+
+def _found(value: str, base: Path) -> str | None:
+    """``value`` as written when it exists under the working directory, else the absolute path found
+    relative to ``base`` or among the shipped assets (:func:`diffalign.paths.resolve_local`), else None."""
+    from diffalign.paths import resolve_local
+
+    if Path(value).expanduser().exists():
+        return value
+    found = resolve_local(value, base)
+    return None if found is None else str(found)
+
+
+def _resolve_spec(text: str, base: Path) -> str:
+    """A reward spec with its relative local path options (``model=local-dir:DIR``, ``head=FILE.pth``)
+    resolved against ``base`` or the shipped assets when they do not exist under the working directory."""
+    from diffalign.paths import looks_like_path
+    from reward_models import RewardSpec
+
+    try:
+        spec = RewardSpec.parse(text)
+    except DiffalignError:
+        return text  # reported by validation, with the spec grammar
+    changed = False
+    for key, raw in list(spec.raw.items()):
+        prefix = _LOCAL_DIR if raw.startswith(_LOCAL_DIR) else ""
+        value = raw[len(prefix) :]
+        if key == "weight" or not value or Path(value).expanduser().is_absolute() or Path(value).expanduser().exists():
+            continue
+        if not (prefix or looks_like_path(value, base)):
+            continue  # a tag or hub id (pretrained=openai, model=org/name): not a path
+        found = _found(value, base)
+        if found is not None:
+            spec.raw[key] = spec.options[key] = prefix + found
+            changed = True
+    return str(spec) if changed else text
+
+
+def resolve_config_paths(
+    data: dict[str, Any] | None, base: str | Path, overrides: list[str] | None = None
+) -> dict[str, Any] | None:
+    """The YAML data of a config file with its local paths made independent of the working directory.
+
+    ``model.pretrained``, ``prompts.train`` / ``prompts.eval`` (when a file: not ``shapes:...`` nor a
+    list) and the path options of ``reward.rewards`` / ``eval.rewards`` specs are looked up in order:
+
+    1. as written, relative to the working directory: kept as written (still relative);
+    2. relative to ``base``, the config file's directory: replaced by that absolute path;
+    3. ``assets/NAME[/...]``: replaced by the absolute path of the shipped copy.
+
+    What the run saves in ``config.yaml`` is the resolved value. A relative ``model.pretrained`` that
+    looks like a path (:func:`diffalign.paths.looks_like_path`) or a relative prompt file found in none
+    of these places is a one-line :class:`DiffalignError` naming both directories; absolute paths, hub
+    ids and reward options found nowhere are left for the loaders to report. Keys given in
+    ``overrides`` (``section.key=value``: relative to the working directory) are left alone.
+    """
+    from diffalign.paths import looks_like_path, missing_path_message
+
+    if not isinstance(data, dict):
+        return data
+    base = Path(base)
+    skip = {item.partition("=")[0].strip() for item in overrides or []}
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}  # sections copied, not shared
+
+    model = out.get("model")
+    if isinstance(model, dict) and isinstance(model.get("pretrained"), str) and "model.pretrained" not in skip:
+        value = model["pretrained"].strip()
+        found = _found(value, base) if value else None
+        if found is not None:
+            model["pretrained"] = found
+        elif looks_like_path(value, base) and not Path(value).expanduser().is_absolute():
+            hint = "give a diffusers pipeline directory (absolute, or relative to the working directory or to the config file) or a hub id"
+            raise DiffalignError(f"model.pretrained: {missing_path_message(value, 'pipeline directory', base, hint)}")
+
+    prompts = out.get("prompts")
+    if isinstance(prompts, dict):
+        for key in ("train", "eval"):
+            value = prompts.get(key)
+            if not isinstance(value, str) or f"prompts.{key}" in skip or value.strip().startswith("shapes:"):
+                continue
+            text = value.strip()
+            prefix = "file:" if text.startswith("file:") else ""
+            path = text[len(prefix) :]
+            if not path or Path(path).expanduser().is_absolute():
+                continue  # load_prompts reports these
+            found = _found(path, base)
+            if found is None:
+                hint = "give a text file (one prompt per line), shapes:train, shapes:heldout or a list"
+                raise DiffalignError(f"prompts.{key}: {missing_path_message(path, 'prompt file', base, hint)}")
+            prompts[key] = prefix + found if found != path else value
+
+    for section, key in (("reward", "rewards"), ("eval", "rewards")):
+        node = out.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), list) and f"{section}.{key}" not in skip:
+            node[key] = [_resolve_spec(s, base) if isinstance(s, str) else s for s in node[key]]
+    return out
 
 
 # ------------------------------------------------------------------------------------ validation

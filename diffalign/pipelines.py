@@ -14,11 +14,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from diffalign.errors import DiffalignError
+from diffalign.paths import looks_like_path, missing_path_message, resolve_local
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
@@ -37,14 +38,48 @@ def _dtype_kwarg() -> str:
 
 
 def _is_hub_id(model: str) -> bool:
-    """owner/name, not starting like a path (./, /, ~)."""
-    return bool(_HUB_ID.match(model)) and not model.startswith((".", "~"))
+    """``owner/name`` that does not look like a local path (:func:`diffalign.paths.looks_like_path`).
+
+    ``assets/shapes-sd``, ``./x``, ``a/b/c`` or ``runs/x`` (when ``runs/`` is a local directory) are
+    paths, so a missing one is reported as a missing directory, not as a Hub error.
+    """
+    return bool(_HUB_ID.match(model)) and not looks_like_path(model)
+
+
+def _hub_reason(exc: BaseException) -> str:
+    """Why the Hub did not give ``model_index.json``, from the exception chain of a failed load."""
+    names: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(names) < 10:
+        names.append(type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    offline = os.environ.get("HF_HUB_OFFLINE", "")
+    if "OfflineModeIsEnabled" in names or offline.strip().lower() in ("1", "true", "yes", "on"):
+        return f"the Hub is switched off, HF_HUB_OFFLINE={offline or '1'}, and it is not in the local cache"
+    if any(n in names for n in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError")):
+        return "the Hub has no such repo, or it is private or gated (log in with `hf auth login`)"
+    if any(n in names for n in ("EntryNotFoundError", "RemoteEntryNotFoundError")):
+        return "the Hub repo has no model_index.json, so it is no diffusers pipeline"
+    if any("Connect" in n or "Timeout" in n or n == "LocalEntryNotFoundError" for n in names):
+        return "the Hub could not be reached (no network?) and it is not in the local cache"
+    first = str(exc).splitlines()[0][:150] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def pipeline_class_name(model: str) -> str:
-    """The ``_class_name`` in ``model_index.json`` of a local directory or hub id."""
-    local = Path(model).expanduser()
-    if local.is_dir():
+    """The ``_class_name`` in ``model_index.json`` of a local directory or hub id.
+
+    ``model`` is looked up with :func:`diffalign.paths.resolve_local` (as given, then the shipped
+    assets); a missing path, or a hub id that fails, is a one-line :class:`DiffalignError` naming the
+    working directory.
+    """
+    local = resolve_local(model)
+    if local is not None:
+        if not local.is_dir():
+            raise DiffalignError(
+                f"{model} is a file, not a diffusers pipeline directory: pass the directory that holds "
+                "model_index.json, or a hub id such as stabilityai/sd-turbo"
+            )
         index = local / "model_index.json"
         if not index.is_file():
             raise DiffalignError(
@@ -54,8 +89,12 @@ def pipeline_class_name(model: str) -> str:
         return json.loads(index.read_text()).get("_class_name", "")
     if not _is_hub_id(model):
         raise DiffalignError(
-            f"no pipeline directory at {model}: pass an existing local directory with model_index.json "
-            "or a hub id of the form owner/name"
+            f"no pipeline directory at {model}: "
+            + missing_path_message(
+                model,
+                hint="pass an existing directory with model_index.json (absolute, or relative to the working "
+                "directory) or a hub id of the form owner/name",
+            )
         )
     from diffusers import DiffusionPipeline
 
@@ -63,8 +102,9 @@ def pipeline_class_name(model: str) -> str:
         config = DiffusionPipeline.load_config(model)
     except Exception as exc:  # hub errors have many types (OSError, HfHubHTTPError, offline mode)
         raise DiffalignError(
-            f"could not load pipeline {model!r} from the Hugging Face Hub ({type(exc).__name__}); "
-            "check the id and your network, or pass a local directory"
+            f"could not load pipeline {model!r} from the Hugging Face Hub ({_hub_reason(exc)}), and there is no "
+            f"local directory {model!r} under {Path.cwd()}; check the id and your network, or pass a local "
+            "pipeline directory (absolute, or relative to the working directory)"
         ) from None
     return config.get("_class_name", "")
 
@@ -85,7 +125,9 @@ def load_pipeline(
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    name = pipeline_class_name(model)
+    name = pipeline_class_name(model)  # checks the path / hub id first (one-line errors)
+    local = resolve_local(model)  # as given, else the shipped copy of assets/NAME
+    source = str(local) if local is not None else model
     family = FAMILIES.get(name)
     if family is None:
         raise DiffalignError(
@@ -101,9 +143,7 @@ def load_pipeline(
     # diffusers renamed from_pretrained's torch_dtype to dtype (torch_dtype warns, and goes in 1.0)
     kwargs[_dtype_kwarg()] = dtype
     try:
-        pipe = cls.from_pretrained(
-            str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model, **kwargs
-        )
+        pipe = cls.from_pretrained(source, **kwargs)
     except DiffalignError:
         raise
     except Exception as exc:
@@ -234,13 +274,27 @@ def _text_encoders(pipe) -> list[tuple[str, torch.nn.Module]]:
     return out
 
 
+def attach_text_encoder_lora(text_encoder: torch.nn.Module, config: Any, adapter_name: str = "default") -> None:
+    """Inject a peft LoRA into a transformers text encoder with peft itself.
+
+    Not through transformers' ``PreTrainedModel.add_adapter`` / ``load_adapter``: that integration
+    checks the installed peft against a minimum version of its own (transformers 5.24 refuses
+    peft < 0.22, newer than any release at the time), so text-encoder LoRA would break on a
+    transformers upgrade. peft's ``inject_adapter_in_model`` works on any ``nn.Module`` and sets
+    ``peft_config`` on it, which is all that saving (``get_peft_model_state_dict``) needs.
+    """
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
+
+
 def add_lora(pipe, settings: LoraSettings) -> list[torch.nn.Parameter]:
     """Inject trainable LoRA adapters (name "default") and return their parameters (fp32)."""
     try:
         pipe.unet.add_adapter(_peft_config(settings, list(settings.target_modules)))
         if settings.text_encoder:
             for _, te in _text_encoders(pipe):
-                te.add_adapter(_peft_config(settings, TEXT_TARGETS))
+                attach_text_encoder_lora(te, _peft_config(settings, TEXT_TARGETS))
     except ValueError as exc:
         raise DiffalignError(f"cannot add LoRA with target modules {settings.target_modules}: {exc}") from None
     params = lora_parameters(pipe)
@@ -272,6 +326,35 @@ def lora_state_dicts(pipe) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def _sorted_metadata(config: Any) -> dict[str, Any]:
+    """A peft config as a dict with every set (``target_modules`` ...) as a sorted list.
+
+    peft keeps ``target_modules`` as a set, whose iteration order changes from process to process;
+    written as is, two identical LoRAs would differ in their file bytes (and hashes).
+    """
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
+
+
+def canonical_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place (tensor bytes untouched).
+
+    safetensors writes its ``__metadata__`` map in hash order, which changes from process to
+    process, so two identical LoRAs would differ in their bytes (and hashes). The header is
+    ``8-byte little-endian length + JSON`` padded with spaces to a multiple of 8; tensor offsets
+    are relative to the data after it, so re-serializing the JSON leaves every tensor valid.
+    """
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    os.replace(tmp, path)
+
+
 def save_lora(pipe, out_dir: str | os.PathLike) -> Path:
     """Save the LoRA adapters in diffusers' format, atomically (temp dir then rename)."""
     out = Path(out_dir)
@@ -285,8 +368,9 @@ def save_lora(pipe, out_dir: str | os.PathLike) -> Path:
         raise DiffalignError("this pipeline has no LoRA adapter to save; call add_lora first")
     kwargs = {f"{k}_lora_layers": v for k, v in states.items()}
     modules = {"unet": pipe.unet} | dict(_text_encoders(pipe))
-    kwargs |= {f"{k}_lora_adapter_metadata": modules[k].peft_config["default"].to_dict() for k in states}
+    kwargs |= {f"{k}_lora_adapter_metadata": _sorted_metadata(modules[k].peft_config["default"]) for k in states}
     type(pipe).save_lora_weights(tmp, **kwargs)
+    canonical_safetensors_header(tmp / LORA_WEIGHT_NAME)
     umask = os.umask(0)
     os.umask(umask)
     for f in tmp.iterdir():  # safetensors writes through a private temp file (mode 0600); use the umask
@@ -300,12 +384,29 @@ def save_lora(pipe, out_dir: str | os.PathLike) -> Path:
 
 
 def _lora_file(path: str | os.PathLike) -> Path:
+    """The weights file of a LoRA directory (or the file itself), checked to be a readable safetensors file.
+
+    Raises a one-line :class:`DiffalignError` for a missing file and for one that is not safetensors
+    or is corrupt or truncated (safetensors checks the header and that the data covers it), so every
+    caller (``sample --lora``, ``reno --lora``, evaluation) reports a damaged LoRA the same way.
+    """
+    from safetensors import SafetensorError, safe_open
+
     p = Path(path).expanduser()
     f = p / LORA_WEIGHT_NAME if p.is_dir() else p
     if not f.is_file():
         raise DiffalignError(
             f"no LoRA weights at {path}: expected {LORA_WEIGHT_NAME} (written by diffalign or diffusers)"
         )
+    try:
+        with safe_open(str(f), "pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise DiffalignError(
+            f"LoRA file {f} is not a readable safetensors file ({detail}): it is corrupt, truncated or in another "
+            "format; save it again (diffalign train writes OUT/lora) or pass another LoRA directory"
+        ) from None
     return f
 
 
@@ -315,24 +416,27 @@ def _is_down(key: str) -> bool:
 
 
 def lora_rank(path: str | os.PathLike) -> int:
-    """Rank of a saved LoRA (from its first down/A matrix)."""
+    """Rank of a saved LoRA (from its first down/A matrix); one-line errors for a missing or damaged file."""
     from safetensors import safe_open
 
     with safe_open(str(_lora_file(path)), "pt") as f:
         for key in f.keys():
             if _is_down(key):
                 return int(f.get_slice(key).get_shape()[0])
-    raise DiffalignError(f"{path} holds no LoRA matrices")
+    raise DiffalignError(
+        f"{path} holds no LoRA matrices (no lora_A / lora_down keys); pass a LoRA saved by diffalign train "
+        "(OUT/lora) or by diffusers' save_lora_weights"
+    )
 
 
 def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default", expect_rank: int | None = None) -> None:
     """Load a saved LoRA with diffusers' ``load_lora_weights`` and check that every layer landed.
 
     Raises a one-line error when the LoRA does not fit this base model (another architecture or
-    size), when none of its keys match (silently ignored by diffusers otherwise), or when
-    ``expect_rank`` is given and differs.
+    size), when none of its keys match (silently ignored by diffusers otherwise), when
+    ``expect_rank`` is given and differs, or when the file is missing, corrupt or truncated.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     file = _lora_file(path)
     rank = lora_rank(path)
@@ -343,7 +447,12 @@ def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default", expe
     with safe_open(str(file), "pt") as f:
         n_unet = sum(1 for k in f.keys() if k.startswith("unet.") and _is_down(k))
     try:
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+        _load_lora_file(pipe, file, adapter_name)
+    except (SafetensorError, OSError) as exc:  # the header read fine but the data did not
+        detail = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise DiffalignError(
+            f"cannot read LoRA file {file} ({detail}): it is corrupt or truncated; save it again or pass another LoRA"
+        ) from None
     except (RuntimeError, ValueError, KeyError) as exc:
         lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
         first = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(exc).__name__)[:300]
@@ -356,6 +465,47 @@ def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default", expe
             f"LoRA at {path} does not fit this base model: {n_unet} UNet LoRA layers in the file, "
             f"{injected} matched; it was trained on another base model"
         )
+
+
+def _load_lora_file(pipe, file: Path, adapter_name: str) -> None:
+    """The UNet part through diffusers' ``load_lora_into_unet``, text-encoder parts with peft directly.
+
+    diffusers loads text-encoder LoRA through transformers' PEFT integration, which refuses peft
+    versions its release did not expect (see :func:`attach_text_encoder_lora`); doing that part with
+    peft keeps our loader independent of it. The file is what ``pipe.load_lora_weights`` reads too.
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(str(file))
+    with safe_open(str(file), "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    metadata = json.loads(raw) if raw else None
+    unet_state = {k: v for k, v in state.items() if k.startswith("unet.")}
+    type(pipe).load_lora_into_unet(
+        unet_state, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe
+    )
+    fields = set(LoraConfig.__dataclass_fields__) - {"peft_type", "task_type", "base_model_name_or_path", "revision"}
+    for name, te in _text_encoders(pipe):
+        prefix = f"{name}."
+        te_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not te_state:
+            continue
+        if not hasattr(te, "text_model"):  # transformers 5 flattened CLIPTextModel; older files keep the prefix
+            te_state = {k.removeprefix("text_model."): v for k, v in te_state.items()}
+        meta = {k.removeprefix(prefix): v for k, v in (metadata or {}).items() if k.startswith(prefix)}
+        if meta:
+            config = LoraConfig(**{k: v for k, v in meta.items() if k in fields})
+        else:  # a file without metadata: rank from the matrices, alpha = rank, the usual projections
+            rank = next(v.shape[0] for k, v in te_state.items() if _is_down(k))
+            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_TARGETS)
+        attach_text_encoder_lora(te, config, adapter_name)
+        result = set_peft_model_state_dict(te, te_state, adapter_name=adapter_name)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise ValueError(f"{name}: {len(unexpected)} LoRA tensors match no layer (first: {unexpected[0]})")
+        te.to(device=te.device, dtype=te.dtype)
 
 
 def decode(pipe, latents: torch.Tensor, differentiable: bool = False, checkpoint: bool = False) -> torch.Tensor:

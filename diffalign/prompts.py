@@ -1,7 +1,9 @@
 """Prompt sources and the deterministic, resumable prompt stream of a training run.
 
 A source is a list of prompts, ``shapes:train`` / ``shapes:heldout`` (the fixed splits of the
-shapes world), or a text file with one prompt per line (``file:PATH`` or just ``PATH``).
+shapes world), or a text file with one prompt per line (``file:PATH`` or just ``PATH``; a relative
+path is looked up under the working directory, and in a config file also next to the config file,
+see :func:`diffalign.config.resolve_config_paths`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ from typing import Any
 import numpy as np
 
 from diffalign.errors import DiffalignError
+from diffalign.paths import resolve_local
 
 
-def load_prompts(source: str | list[str], key: str = "prompts") -> list[str]:
-    """The prompts of ``source``; ``key`` names the config key in error messages."""
+def load_prompts(source: str | list[str], key: str = "prompts", base: str | Path | None = None) -> list[str]:
+    """The prompts of ``source``; ``key`` names the config key in error messages.
+
+    A prompt file is looked up as given (relative paths against the working directory), then
+    relative to ``base`` (a config file's directory) when given (:func:`diffalign.paths.resolve_local`).
+    """
     if isinstance(source, list):
         prompts = [p.strip() for p in source if isinstance(p, str) and p.strip()]
         if not prompts:
@@ -26,10 +33,16 @@ def load_prompts(source: str | list[str], key: str = "prompts") -> list[str]:
         from diffalign.shapes import split_prompts
 
         return split_prompts(text.split(":", 1)[1])
-    path = Path(text[len("file:") :] if text.startswith("file:") else text).expanduser()
+    written = text[len("file:") :] if text.startswith("file:") else text
+    path = resolve_local(written, base) or Path(written).expanduser()
+    if path.is_dir():
+        raise DiffalignError(f"{key}: prompt file {str(path)!r} is a directory; give a text file (one prompt per line)")
     if not path.is_file():
+        where = "" if path.is_absolute() else f" under {Path.cwd()}"
+        if base is not None and not path.is_absolute():
+            where += f" nor under {base} (the config file's directory)"
         raise DiffalignError(
-            f"{key}: prompt file {str(path)!r} does not exist; give a text file (one prompt per line), "
+            f"{key}: prompt file {str(path)!r} does not exist{where}; give a text file (one prompt per line), "
             "shapes:train, shapes:heldout or a list"
         )
     try:

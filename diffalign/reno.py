@@ -39,10 +39,12 @@ Python::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -486,18 +488,68 @@ def strip_image(strip: Sequence[tuple[int, torch.Tensor]], min_side: int = 96):
     return canvas
 
 
+@contextlib.contextmanager
+def _writing(where: Path) -> Iterator[None]:
+    """Turn a failed write under ``where`` (disk full, permissions, a file in the way) into a one-line error."""
+    from diffalign.checkpoint import is_write_failure, one_line, write_fix
+
+    try:
+        yield
+    except Exception as err:
+        if not is_write_failure(err):
+            raise
+        raise DiffalignError(
+            f"cannot write ReNO results to {where} ({one_line(err)}); {write_fix(err, where)} or choose another --out"
+        ) from None
+
+
+def check_out_dir(out: Path, dirs: Sequence[str] = ()) -> None:
+    """Refuse, before any model loads, an ``--out`` that cannot hold the results.
+
+    ``out`` must be a directory or creatable (no file at it or among its parents) and writable; the
+    per-prompt folders ``dirs`` inside it and ``summary.jsonl`` must not be of the wrong kind.
+    Nothing is created or changed here.
+    """
+    fix = "choose another --out"
+    if out.exists() and not out.is_dir():
+        raise DiffalignError(f"--out {out} is an existing file, not a directory; {fix}")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DiffalignError(f"cannot create --out {out}: {existing} is a file, not a directory; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DiffalignError(f"cannot write --out {out}: {existing} is not writable by this user; {fix}")
+    for name in dirs:
+        if (out / name).exists() and not (out / name).is_dir():
+            raise DiffalignError(f"{out / name} is a file, but ReNO writes its results into a folder there; {fix}")
+    if (out / "summary.jsonl").is_dir():
+        raise DiffalignError(f"{out / 'summary.jsonl'} is a directory, but ReNO writes a file there; {fix}")
+
+
+def result_dir_name(index: int, prompt: str) -> str:
+    """The folder of prompt number ``index`` inside ``--out``: ``000_a-red-circle``."""
+    from diffalign.gallery import slug
+
+    return f"{index:03d}_{slug(prompt)}"
+
+
 def save_result(result: RenoResult, out_dir: Path) -> Path:
-    """Write best.png, final.png, initial.png, strip.png and rewards.jsonl into ``out_dir``."""
+    """Write best.png, final.png, initial.png, strip.png and rewards.jsonl into ``out_dir``.
+
+    A failed write (disk full, not writable, a file where a folder belongs) is a :class:`DiffalignError`.
+    """
     from diffalign.gallery import to_pil
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    to_pil(result.best_image).save(out_dir / "best.png")
-    to_pil(result.final_image).save(out_dir / "final.png")
-    to_pil(result.initial_image).save(out_dir / "initial.png")
-    strip_image(result.strip).save(out_dir / "strip.png")
-    with (out_dir / "rewards.jsonl").open("w", encoding="utf-8") as fh:
-        for rec in result.records:
-            fh.write(json.dumps(rec.to_json()) + "\n")
+    with _writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        to_pil(result.best_image).save(out_dir / "best.png")
+        to_pil(result.final_image).save(out_dir / "final.png")
+        to_pil(result.initial_image).save(out_dir / "initial.png")
+        strip_image(result.strip).save(out_dir / "strip.png")
+        with (out_dir / "rewards.jsonl").open("w", encoding="utf-8") as fh:
+            for rec in result.records:
+                fh.write(json.dumps(rec.to_json()) + "\n")
     return out_dir
 
 
@@ -518,11 +570,12 @@ def summary_row(index: int, result: RenoResult, out_dir: Path) -> dict[str, Any]
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``diffalign reno`` (``args`` from the parser :func:`register` builds)."""
     from diffalign.cli import read_prompts
-    from diffalign.gallery import slug
-    from diffalign.pipelines import load_pipeline
+    from diffalign.pipelines import load_pipeline, lora_rank
     from reward_models import RewardSpec
 
     prompts = read_prompts(args.prompt, args.prompts)
+    out = Path(args.out)
+    check_out_dir(out, [result_dir_name(i, p) for i, p in enumerate(prompts)])
     cfg = RenoConfig(
         iters=args.iters,
         lr=args.lr,
@@ -538,22 +591,24 @@ def run(args: argparse.Namespace) -> int:
     )
     specs = [RewardSpec.parse(s) for s in args.reward]
     _require_differentiable(specs)  # before loading anything
+    if args.lora:
+        lora_rank(args.lora)  # a missing or damaged LoRA file fails here, before the model loads
     try:
         device = torch.device(args.device)
     except (RuntimeError, TypeError) as err:
         raise DiffalignError(f"unknown device {args.device!r}: {err}") from None
     pipe = load_pipeline(args.model, dtype=args.dtype, device=device, scheduler="keep")  # see noise_scale
     rewards, weights, names = build_rewards(list(args.reward), None, device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, prompt in enumerate(prompts):
         result = reno(pipe, prompt, rewards, weights, cfg, lora=args.lora, progress=True)
-        out_dir = save_result(result, out / f"{i:03d}_{slug(prompt)}")
+        out_dir = save_result(result, out / result_dir_name(i, prompt))
         rows.append(summary_row(i, result, out_dir))
         gains = ", ".join(f"{n} {result.initial_rewards[n]:.4g} -> {result.best_rewards[n]:.4g}" for n in names)
         print(f"[{i + 1}/{len(prompts)}] {prompt!r}: best at iteration {result.best_iter}: {gains}")
-    with (out / "summary.jsonl").open("w", encoding="utf-8") as fh:
+    with _writing(out), (out / "summary.jsonl").open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     print(f"wrote {len(prompts)} result folder(s) and summary.jsonl to {out}")

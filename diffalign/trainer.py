@@ -19,24 +19,39 @@ uninterrupted one, except for the wall-clock values, which live under the ``time
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffalign.checkpoint import Checkpointer, capture_rng, restore_rng, truncate_lines
+from diffalign.checkpoint import (
+    Checkpointer,
+    capture_rng,
+    is_write_failure,
+    one_line,
+    restore_rng,
+    truncate_jsonl,
+    write_fix,
+)
 from diffalign.combine import weighted_sum
 from diffalign.config import DiffalignConfig
 from diffalign.errors import DiffalignError
 from diffalign.methods import PromptBatch, StepResult, build_method
 from diffalign.prompts import PromptSampler, eval_prompts, load_prompts, non_shapes_prompt
+from diffalign.runinfo import append_run_info
 
 DTYPE_BY_PRECISION = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# What a run directory holds: these must be directories, those files (when they exist).
+RUN_DIRS = ("checkpoints", "samples", "lora", "logs")
+RUN_FILES = ("metrics.jsonl", "eval.jsonl", "config.yaml")
 
 
 def process_seeds(seed: int, process_index: int) -> tuple[int, int]:
@@ -179,6 +194,54 @@ class Trainer:
     def __init__(self, cfg: DiffalignConfig, resume: str | None = None) -> None:
         self.cfg, self.resume = cfg, resume
         self.out = Path(cfg.checkpoint.output_dir)
+        self.ckpt: Checkpointer | None = None
+
+    def check_output_dir(self) -> None:
+        """Refuse, before any model loads, an output directory that cannot be created or written.
+
+        A file at ``checkpoint.output_dir``, a file among its parents, a directory this user may not
+        write, or a run entry of the wrong kind (``checkpoints`` as a file, ``metrics.jsonl`` as a
+        directory, ...). Nothing is created or changed here.
+        """
+        out = self.out
+        fix = "choose another --output-dir (or checkpoint.output_dir)"
+        if out.exists() and not out.is_dir():
+            raise DiffalignError(f"output directory {out} is a file, not a directory; {fix}")
+        existing = out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise DiffalignError(f"cannot create output directory {out}: {existing} is a file, not a directory; {fix}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise DiffalignError(f"cannot write output directory {out}: {existing} is not writable by this user; {fix}")
+        for name in RUN_DIRS:
+            if (out / name).exists() and not (out / name).is_dir():
+                raise DiffalignError(
+                    f"{out / name} is a file, but a run keeps a directory there; move it away or {fix}"
+                )
+        for name in RUN_FILES:
+            if (out / name).is_dir():
+                raise DiffalignError(
+                    f"{out / name} is a directory, but a run writes a file there; move it away or {fix}"
+                )
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Turn a failed write of ``what`` (disk full, permissions, read-only) into a one-line error."""
+        try:
+            yield
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
+            latest = self.ckpt.latest() if self.ckpt is not None else None
+            then = (
+                f"continue with --resume latest (the last checkpoint, {latest}, is intact)"
+                if latest is not None
+                else "run again (no checkpoint was written yet)"
+            )
+            raise DiffalignError(
+                f"cannot write {what} ({one_line(err)}); {write_fix(err, self.out)}, then {then}"
+            ) from None
 
     # ------------------------------------------------------------------------- set-up
     def _accelerator(self):
@@ -330,25 +393,39 @@ class Trainer:
             if self.resume and main:
                 print(f"diffalign train: no checkpoint in {self.ckpt.root}; starting from step 0")
             if main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                for name in ("metrics.jsonl", "eval.jsonl"):
-                    (self.out / name).write_text("")
+                with self._writing(f"the output directory {self.out}"):
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    for name in ("metrics.jsonl", "eval.jsonl"):
+                        (self.out / name).write_text("")
             acc.wait_for_everyone()
             return 0
-        loaded = self.ckpt.load(path)
+        loaded = self.ckpt.load(path)  # one line naming the damaged file; nothing removed
         self._load_lora(path, loaded.lora)
         st = loaded.state
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.lr_scheduler.load_state_dict(st["lr_scheduler"])
-        if self.acc.scaler is not None and st["scaler"] is not None:
-            self.acc.scaler.load_state_dict(st["scaler"])
-        self.sampler.load_state_dict(st["sampler"])
-        self.method.load_state_dict(st["method"])
-        self.evaluator.load_state_dict(st["evaluator"])
+        try:
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.lr_scheduler.load_state_dict(st["lr_scheduler"])
+            if self.acc.scaler is not None and st["scaler"] is not None:
+                self.acc.scaler.load_state_dict(st["scaler"])
+            self.sampler.load_state_dict(st["sampler"])
+            self.method.load_state_dict(st["method"])
+            self.evaluator.load_state_dict(st["evaluator"])
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as err:
+            raise DiffalignError(
+                f"checkpoint file {path / 'state.pt'} does not fit this run ({one_line(err)}); resume with the "
+                "config of the run that wrote it, or from an older checkpoint with --resume OUT/checkpoints/step_N"
+            ) from None
         self.updates, self.metrics_lines, self.eval_lines = st["updates"], st["metrics_lines"], st["eval_lines"]
+        error = None
         if main:
-            truncate_lines(self.out / "metrics.jsonl", self.metrics_lines)
-            truncate_lines(self.out / "eval.jsonl", self.eval_lines)
+            try:  # both files checked before either is cut: an error leaves them as they were
+                truncate_jsonl(
+                    {self.out / "metrics.jsonl": self.metrics_lines, self.out / "eval.jsonl": self.eval_lines}
+                )
+            except DiffalignError as err:
+                error = err
+        self.ckpt.raise_if_any(error, f"the main process could not resume from {path} (see its error)")
+        if main:
             print(f"diffalign train: resuming from {path} (step {loaded.step})")
         self.ckpt.remove_after(loaded.step)
         restore_rng(loaded.rng, self._owned())  # last: nothing after this may draw random numbers before step 1
@@ -356,7 +433,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------- logging
     def _append(self, name: str, record: dict[str, Any]) -> None:
-        with open(self.out / name, "a", encoding="utf-8") as fh:
+        with self._writing(str(self.out / name)), open(self.out / name, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
         if name == "metrics.jsonl":
@@ -409,7 +486,9 @@ class Trainer:
             )
         if images.numel():
             ncol = len(self.cfg.eval.seeds)
-            save_grid(images[: ncol * 8], self.out / "samples" / f"eval_step_{step}.png", ncol=ncol)
+            grid = self.out / "samples" / f"eval_step_{step}.png"
+            with self._writing(str(grid)):
+                save_grid(images[: ncol * 8], grid, ncol=ncol)
 
     def _draw(self) -> PromptBatch:
         b, n, i = self.cfg.sample.batch_size, self.acc.num_processes, self.acc.process_index
@@ -424,12 +503,15 @@ class Trainer:
         from diffalign.gallery import save_grid
         from diffalign.pipelines import save_lora
 
+        self.check_output_dir()
         self._setup()
         cfg, acc = self.cfg, self.acc
         main = acc.is_main_process
         start = self._start()
         if main:
-            cfg.save_yaml(self.out / "config.yaml")
+            with self._writing(str(self.out / "config.yaml")):
+                cfg.save_yaml(self.out / "config.yaml")
+                append_run_info(self.out, num_processes=acc.num_processes, device=acc.device, resumed_from_step=start)
         if start == 0:
             self._evaluate(0)
         total = cfg.train.steps
@@ -454,7 +536,9 @@ class Trainer:
                 bar.set_postfix(reward=f"{record['reward']:.4f}", loss=f"{record['loss']:.4g}")
                 every = cfg.log.sample_every
                 if every and step % every == 0 and result.images is not None:
-                    save_grid(result.images.float().cpu()[:16], self.out / "samples" / f"step_{step}.png", ncol=8)
+                    grid = self.out / "samples" / f"step_{step}.png"
+                    with self._writing(str(grid)):
+                        save_grid(result.images.float().cpu()[:16], grid, ncol=8)
             bar.update(1)
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == total:
                 self._evaluate(step)
@@ -469,7 +553,8 @@ class Trainer:
             "after": self.out / "samples" / f"eval_step_{total}.png",
         }
         if main:
-            save_lora(self.pipe, paths["lora"])
+            with self._writing(f"the final LoRA {paths['lora']}"):
+                save_lora(self.pipe, paths["lora"])
             self._summary(paths)
         acc.wait_for_everyone()
         if cfg.log.trackers:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from diffalign.errors import DiffalignError
+from diffalign.paths import resolve_local, shipped_asset
 from reward_models.base import Reward
 from reward_models.loading import load_errors
 from reward_models.preprocess import CLIP_MEAN, CLIP_STD, interpolation_name, preprocess
@@ -28,7 +29,10 @@ OPEN_CLIP_EXPECTED = (
     "an open_clip architecture name with pretrained=TAG_OR_FILE (model=ViT-B-32,pretrained=openai), "
     "or model=hf-hub:ORG/REPO"
 )
-SHAPES_CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes-clip"
+# the shipped asset: the checkout's assets/shapes-clip, or diffalign/_assets/shapes-clip of an installed wheel
+SHAPES_CLIP_DIR = (
+    shipped_asset("assets/shapes-clip") or Path(__file__).resolve().parent.parent / "assets" / "shapes-clip"
+)
 
 
 def _check_local_dir(path: Path, require_weights: bool) -> None:
@@ -59,7 +63,8 @@ def load_open_clip(
 
     ref = model
     if model.startswith(LOCAL_DIR):
-        path = Path(model[len(LOCAL_DIR) :]).expanduser()
+        raw = model[len(LOCAL_DIR) :]
+        path = resolve_local(raw) or Path(raw).expanduser()  # the shipped assets/ from any directory
         _check_local_dir(path, require_weights)
         model = LOCAL_DIR + str(path)
         if pretrained:

@@ -2,10 +2,12 @@
 
 Conventions used by every reward loader:
 
-- A **directory or file that exists** is used as is.
+- A **directory or file that exists** is used as is (relative paths against the working
+  directory); ``assets/NAME[/...]`` found nowhere else is the shipped copy (:mod:`diffalign.paths`).
 - A value that **looks like a path** (absolute, ``./``, ``../``, ``~``, two or more ``/``, a
-  backslash, or a file suffix such as ``.pt``) but does not exist is an error naming the path and the
-  expected layout; the Hub is never asked.
+  backslash, a file suffix such as ``.pt``, ``assets/...``, or a first component that is a local
+  directory) but does not exist is an error naming the path, the expected layout and the working
+  directory; the Hub is never asked.
 - Anything else of the form ``name`` or ``org/name`` is a **Hub repo id** (transformers loaders).
 - A single file on the Hub is written ``hf-hub:ORG/REPO/FILENAME`` (the prefix open_clip uses for
   repos), e.g. ``hf-hub:xswu/HPSv2/HPS_v2.1_compressed.pt``.
@@ -17,7 +19,6 @@ Download failures (no network, ``HF_HUB_OFFLINE=1``, a missing repo or file) bec
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 from safetensors import SafetensorError
 
 HF_FILE_PREFIX = "hf-hub:"
-_FILE_SUFFIX = re.compile(r"\.(pt|pth|bin|safetensors|ckpt|json|npz|npy|png|jpe?g|webp|txt)$", re.IGNORECASE)
 
 
 def one_line(text: object, limit: int = 200) -> str:
@@ -39,48 +39,71 @@ def one_line(text: object, limit: int = 200) -> str:
 
 
 def looks_like_path(value: str) -> bool:
-    """True when ``value`` should be read as a local path rather than a Hub repo id."""
-    v = value.strip()
-    return (
-        v.startswith(("/", "./", "../", "~", "."))
-        or "\\" in v
-        or v.count("/") >= 2
-        or bool(_FILE_SUFFIX.search(v))
-        or (len(v) > 1 and v[1] == ":")  # a Windows drive
-    )
+    """True when ``value`` should be read as a local path rather than a Hub repo id.
+
+    The rule of :func:`diffalign.paths.looks_like_path`: absolute, ``./``, ``../``, ``~``, a backslash or
+    a drive, two or more ``/``, a file suffix, ``assets/...``, or a first component that is a local directory.
+    """
+    from diffalign.paths import looks_like_path as _looks_like_path
+
+    return _looks_like_path(value)
+
+
+def _where(value: str) -> str:
+    """`` (relative paths are looked up under CWD)`` for a relative ``value``, else nothing."""
+    if Path(value).expanduser().is_absolute():
+        return ""
+    return f" (a relative path is looked up under the working directory {Path.cwd()} and among the shipped assets)"
 
 
 def local_or_hub(value: str, what: str, expected: str) -> str:
     """Return ``value`` as an existing local path or a Hub repo id; error for a missing local path.
 
-    ``what`` names the thing loaded (``"PickScore model"``), ``expected`` the local layout.
+    ``what`` names the thing loaded (``"PickScore model"``), ``expected`` the local layout. A local
+    path is looked up as given, then among the shipped assets (:func:`diffalign.paths.resolve_local`).
     """
-    path = Path(value).expanduser()
-    if path.exists():
+    from diffalign.paths import resolve_local
+
+    path = resolve_local(value)
+    if path is not None:
         return str(path)
     if looks_like_path(value):
-        raise DiffalignError(f"{what} path {value!r} does not exist; expected {expected}")
+        raise DiffalignError(f"{what} path {value!r} does not exist; expected {expected}{_where(value)}")
     return value
 
 
+def _is_local(ref: str) -> bool:
+    """Does ``ref`` name something on this machine? ``PATH``, ``local-dir:DIR`` or ``ARCH (pretrained=FILE)``."""
+    name, _, pretrained = ref.partition(" (pretrained=")
+    candidates = [name.removeprefix("local-dir:"), pretrained.removesuffix(")")]
+    return any(c and Path(c).expanduser().exists() for c in candidates)
+
+
 def hub_failure(ref: str, what: str, expected: str, err: BaseException) -> DiffalignError:
-    """The one-line error for a failed load of ``ref``."""
+    """The one-line error for a failed load of ``ref`` (the Hub hint only for what is not a local path)."""
     offline = " (the Hub is unreachable or HF_HUB_OFFLINE is set: download it elsewhere and pass a local path)"
-    from_hub = not Path(ref).expanduser().exists()
+    from_hub = not _is_local(ref)
+    detail = one_line(err)
+    if isinstance(err, (TypeError, AttributeError, KeyError)) or not detail:  # bare messages: name the type
+        detail = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
     return DiffalignError(
-        f"cannot load {what} from {ref!r}{offline if from_hub else ''}: {one_line(err)}; expected {expected}"
+        f"cannot load {what} from {ref!r}{offline if from_hub else ''}: {detail}; expected {expected}"
     )
 
 
 @contextlib.contextmanager
 def load_errors(ref: str, what: str, expected: str) -> Iterator[None]:
-    """Turn the loading libraries' errors (OSError, Hub errors, ValueError, RuntimeError) into DiffalignError."""
+    """Turn the loading libraries' errors (OSError, Hub errors, ValueError, RuntimeError) into DiffalignError.
+
+    TypeError and AttributeError too: a config file of the wrong shape (``{"model_cfg": [1]}``) makes
+    the libraries index into the wrong type.
+    """
     try:
         yield
     except DiffalignError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:  # a corrupt file too
-        raise hub_failure(ref, what, expected, err) from err
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as err:
+        raise hub_failure(ref, what, expected, err) from err  # a corrupt or truncated file too
 
 
 def resolve_file(value: str, what: str, expected: str) -> Path:
@@ -95,10 +118,13 @@ def resolve_file(value: str, what: str, expected: str) -> Path:
 
         with load_errors(value, what, expected):
             return Path(hf_hub_download(repo_id, filename))
-    path = Path(value).expanduser()
+    from diffalign.paths import resolve_local
+
+    path = resolve_local(value) or Path(value).expanduser()
     if not path.is_file():
         state = "is a directory" if path.is_dir() else "does not exist"
-        raise DiffalignError(f"{what} file {value!r} {state}; expected {expected}")
+        where = _where(value) if state == "does not exist" else ""
+        raise DiffalignError(f"{what} file {value!r} {state}; expected {expected}{where}")
     return path
 
 
@@ -111,22 +137,38 @@ def hub_download(repo_id: str, filename: str, what: str, expected: str) -> Path:
 
 
 def load_state_dict(path: Path, what: str) -> dict:
-    """Load a ``.safetensors`` or a torch pickle (``weights_only``) state dict; unwrap ``state_dict``/``model``."""
+    """Load a ``.safetensors`` or a torch pickle (``weights_only``) state dict; unwrap ``state_dict``/``model``.
+
+    An empty, truncated or corrupt file (or one in another format) is a one-line :class:`DiffalignError`
+    naming the file; a file that cannot be opened too.
+    """
     import torch
 
     expected = "a .safetensors file or a torch state dict (.pt/.pth) of tensors"
-    with load_errors(str(path), what, expected):
+    damaged = f"{what} file {str(path)!r} is corrupt, truncated or not a state dict"
+    fix = f"download it again or pass another file; expected {expected}"
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise DiffalignError(f"cannot read {what} file {str(path)!r}: {one_line(err)}; expected {expected}") from err
+    if size == 0:
+        raise DiffalignError(f"{what} file {str(path)!r} is empty (0 bytes); {fix}")
+    try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             sd = load_file(str(path))
         else:
-            try:
-                sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as err:  # pickle errors have many types
-                if isinstance(err, (OSError, DiffalignError)):
-                    raise
-                raise DiffalignError(f"cannot read {what} {str(path)!r}: {one_line(err)}; expected {expected}") from err
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except DiffalignError:
+        raise
+    except IsADirectoryError as err:
+        raise DiffalignError(f"{what} file {str(path)!r} is a directory; expected {expected}") from err
+    except PermissionError as err:
+        raise DiffalignError(f"cannot read {what} file {str(path)!r}: {one_line(err)}; make it readable") from err
+    except Exception as err:  # safetensors, zip, pickle and weights_only errors have many types
+        first = one_line(err, 120).split(". ")[0] or type(err).__name__  # torch's messages run for paragraphs
+        raise DiffalignError(f"{damaged} ({first}); {fix}") from err
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
