@@ -1,4 +1,4 @@
-"""ReNO: the regularizer's math, the loop's bookkeeping, Turbo-shaped generators, rewards rising, the CLI."""
+"""ReNO: the regularizer's math, the core loop on a toy generator, Turbo-shaped generators, rewards rising, the CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from diffalign.errors import DiffalignError
 from diffalign.pipelines import LoraSettings, add_lora, load_pipeline, lora_parameters, save_lora
-from diffalign.reno import RenoConfig, noise_regularizer, reno
+from diffalign.reno import Best, RenoConfig, noise_regularizer, optimize_noise, reno
 from reward_models import Reward, get_reward
 
 PROMPT = "a red circle"
@@ -123,6 +123,125 @@ def test_regularizer_fp16_and_sd_turbo_scale() -> None:
     z1 = z.clone().requires_grad_(True)
     (g1,) = torch.autograd.grad(noise_regularizer(z1).sum(), [z1])
     assert g1.norm() < 0.05 * g.norm()
+
+
+# ------------------------------------------------------------------------ core loop, toy generator
+TOY_D = 4 * 6 * 8  # elements of the toy noise z [1, 4, 6, 8]
+
+
+def toy_generator(z: torch.Tensor) -> torch.Tensor:
+    """``G(z) = sigmoid(z)`` reshaped to a [1, 3, 8, 8] image: no diffusion model."""
+    return torch.sigmoid(z).reshape(1, 3, 8, 8)
+
+
+def toy_noise(scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    return scale * torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def redness_loss(weight: float = 1.0):
+    """``L_R = -weight * redness`` and the raw reward, as :func:`diffalign.reno.make_reward_loss` returns them."""
+
+    def reward_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        r = images[:, 0].mean() - images[:, 1:].mean()
+        return -weight * r, {"redness": float(r.detach())}
+
+    return reward_loss
+
+
+def flat_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    return torch.zeros(()), {"flat": 0.0}
+
+
+@pytest.mark.parametrize("grad_clip", [0.1, None])
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_core_regularizer_pulls_the_norm_to_the_shell_on_a_flat_reward(scale: float, grad_clip) -> None:
+    z0 = toy_noise(scale)
+    before = z0.clone()
+    target = math.sqrt(TOY_D - 1)
+    result = optimize_noise(toy_generator, flat_loss, z0, RenoConfig(iters=40, grad_clip=grad_clip))
+    assert torch.equal(z0, before)  # z0 is not modified
+    start, end = result.records[0].z_norm, result.final_latents.norm().item()
+    assert start == pytest.approx(z0.norm().item(), rel=1e-6)
+    assert abs(end - target) < 0.05 * abs(start - target), (start, end, target)
+    assert (result.records[1].z_norm - start) * (target - start) > 0  # the first step already moves toward it
+    cos = torch.nn.functional.cosine_similarity(result.final_latents.flatten(), z0.flatten(), dim=0)
+    assert cos.item() == pytest.approx(1.0, abs=1e-5)  # the gradient of R(z) is parallel to z: only the norm moves
+    for r in result.records:
+        assert r.loss == pytest.approx(0.01 * r.reg, rel=1e-6) and r.loss_reward == 0.0
+
+
+def test_core_best_is_the_lowest_reward_loss_not_the_regularized_loss() -> None:
+    scripted = [0.3, -0.2, -0.2, 0.1, 0.0, 0.25, 0.05, 0.1]  # L_R per iteration; a tie at iterations 1 and 2
+    images: list[torch.Tensor] = []
+
+    def generate(z: torch.Tensor) -> torch.Tensor:
+        images.append(toy_generator(z).detach().clone())
+        return toy_generator(z)
+
+    def reward_loss(imgs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        value = scripted[len(images) - 1]
+        return 0.0 * imgs.sum() + value, {"scripted": -value}
+
+    cfg = RenoConfig(iters=len(scripted), reg_weight=0.01, grad_clip=None)
+    result = optimize_noise(generate, reward_loss, toy_noise(3.0), cfg, prompt="toy")
+    losses = [r.loss for r in result.records]
+    assert [r.loss_reward for r in result.records] == pytest.approx(scripted)
+    assert isinstance(result.best, Best) and result.prompt == "toy"
+    assert result.best.iteration == 1 == result.best_iter  # the first of the tied lowest L_R
+    assert losses.index(min(losses)) != 1  # L = L_R + lambda R(z) is lowest elsewhere: R(z) falls all along
+    assert result.best_loss == result.best.loss == pytest.approx(-0.2)
+    assert result.best_rewards == result.records[1].rewards == {"scripted": 0.2}
+    assert torch.equal(result.best_image, images[1][0])  # the image of that iteration ...
+    assert torch.equal(toy_generator(result.best_latents)[0], result.best_image)  # ... and the noise that made it
+    assert result.best_latents.device.type == "cpu" and result.best_latents.dtype == torch.float32
+    assert torch.equal(result.initial_image, images[0][0]) and torch.equal(result.final_image, images[-1][0])
+    assert [it for it, _ in result.strip] == [0, 5, 7]  # every strip_every-th iteration and the last
+    for r in result.records:
+        assert r.loss == pytest.approx(r.loss_reward + cfg.reg_weight * r.reg, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_core_takes_iters_minus_one_optimizer_steps(optimizer: str) -> None:
+    steps: list[int] = []
+    calls: list[int] = []
+
+    def generate(z: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return toy_generator(z)
+
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(1))
+    try:
+        cfg = RenoConfig(iters=5, optimizer=optimizer)
+        result = optimize_noise(generate, redness_loss(), toy_noise(), cfg)
+        assert len(calls) == 5 and len(steps) == 4 and result.steps_taken == 4
+        assert [r.grad_norm is None for r in result.records] == [False] * 4 + [True]
+        assert result.best_rewards["redness"] > result.initial_rewards["redness"]  # the toy reward rises
+        steps.clear()
+        calls.clear()
+
+        def no_grad_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            return images.detach().mean(), {"mean": float(images.detach().mean())}  # never backpropagated
+
+        one = optimize_noise(generate, no_grad_loss, toy_noise(), RenoConfig(iters=1, optimizer=optimizer))
+        assert len(calls) == 1 and steps == [] and one.steps_taken == 0 and one.best_iter == 0
+        assert torch.equal(one.final_latents, toy_noise()) and torch.equal(one.best_image, one.initial_image)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("grad_clip", [0.1, None])
+def test_core_clips_the_gradient_norm(grad_clip) -> None:
+    cfg = RenoConfig(iters=2, lr=5.0, grad_clip=grad_clip, reg_weight=0.01)
+    z0 = toy_noise()
+    z = z0.clone().requires_grad_(True)
+    loss_reward, _ = redness_loss(1000.0)(toy_generator(z))
+    (grad,) = torch.autograd.grad(loss_reward + cfg.reg_weight * noise_regularizer(z).sum(), [z])
+    assert grad.norm() > 1.0  # a steep loss: clipping at 0.1 changes the step
+    result = optimize_noise(toy_generator, redness_loss(1000.0), z0, cfg)
+    assert result.records[0].grad_norm == pytest.approx(grad.norm().item(), rel=1e-5)  # recorded before clipping
+    # Nesterov SGD's first step with an empty buffer: -lr * (1 + momentum) * (clipped) gradient
+    applied = grad * (grad_clip / grad.norm()) if grad_clip is not None else grad
+    torch.testing.assert_close(result.final_latents - z0, -cfg.lr * (1 + cfg.momentum) * applied, rtol=1e-4, atol=1e-6)
 
 
 # -------------------------------------------------------------------------------------------- config
