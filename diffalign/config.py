@@ -3,12 +3,16 @@
     cfg = DiffalignConfig.from_yaml("configs/shapes/alignprop.yaml", overrides=["train.lr=1e-3"])
 
 Sections: ``model``, ``sample``, ``train``, ``reward``, ``prompts``, ``eval``, ``checkpoint``, ``log``,
-and one per method family (``alignprop``, ``draft``, ``refl``, ``ddpo``; the dataclasses live in
-``diffalign/methods/``). A key missing from the YAML keeps its default. Overrides are
+and one per registered method section (the built-ins' ``alignprop``, ``draft``, ``refl``, ``ddpo``):
+method sections are not fields here but come from the method registry
+(:mod:`diffalign.methods.registry`); the YAML keeps them as top-level keys, the object holds them in
+``cfg.methods`` (also ``cfg.alignprop``, ... and ``cfg.method_config`` for the active one). A top-level
+``plugins: [module, ...]`` lists modules imported before anything else is read, so that the methods
+they register are known. A key missing from the YAML keeps its default. Overrides are
 ``section.key=value`` parsed by the field's type (``eval.seeds=[0,1,2]``, ``sample.negative_prompt=none``).
 Every problem a user can cause (unknown key, wrong type, bad combination, missing prompt file,
-unknown or non-differentiable reward) is a one-line :class:`DiffalignError` naming the fix, raised
-before any model is loaded.
+unknown or non-differentiable reward, a plugin that cannot be imported) is a one-line
+:class:`DiffalignError` naming the fix, raised before any model is loaded.
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ from typing import Any, Literal, Union
 import yaml
 
 from diffalign.errors import DiffalignError
-from diffalign.methods.ddpo import DDPOConfig
-from diffalign.methods.reward_backprop import AlignPropConfig, DraftConfig, ReFLConfig
+from diffalign.methods.registry import (
+    get_method,
+    load_plugins,
+    method_names,
+    method_sections,
+    registered_methods,
+    unknown_method_hint,
+)
 from diffalign.pipelines import LoraSettings
 
-MethodName = Literal["alignprop", "draft_k", "draft_lv", "refl", "ddpo"]
-BACKPROP_METHODS = ("alignprop", "draft_k", "draft_lv", "refl")
+_SECTIONS = "method_sections"  # metadata flag of DiffalignConfig.methods: one YAML section per registered section
 
 
 @dataclass
@@ -70,7 +79,7 @@ class SampleConfig:
 class TrainConfig:
     """Optimization: AdamW on the LoRA parameters only."""
 
-    method: MethodName = "alignprop"
+    method: str = "alignprop"  # a registered method (diffalign train --help lists them; plugins: add more)
     steps: int = 100  # training steps; reward backprop: one optimizer update each; DDPO: one sampling epoch each
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -87,6 +96,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.method not in method_names():
+            raise DiffalignError(
+                f"config key 'train.method' must be one of {', '.join(method_names())}, got {self.method!r}"
+                f"{unknown_method_hint(self.method)}"
+            )
         if self.steps < 1:
             raise DiffalignError(f"train.steps must be >= 1, got {self.steps}")
         if self.lr <= 0:
@@ -172,7 +186,13 @@ class LogConfig:
 
 @dataclass
 class DiffalignConfig:
-    """A whole training run."""
+    """A whole training run.
+
+    The method sections are the registry's (:func:`diffalign.methods.registry.method_sections`), held
+    in ``methods`` (section name -> config dataclass; every registered section, defaults where not
+    given) and readable as attributes: ``cfg.draft.k``. ``cfg.method_config`` is the section of
+    ``train.method``.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -182,26 +202,76 @@ class DiffalignConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    alignprop: AlignPropConfig = field(default_factory=AlignPropConfig)
-    draft: DraftConfig = field(default_factory=DraftConfig)
-    refl: ReFLConfig = field(default_factory=ReFLConfig)
-    ddpo: DDPOConfig = field(default_factory=DDPOConfig)
+    plugins: list[str] = field(default_factory=list)  # modules imported first: methods of other packages register
+    methods: dict[str, Any] = field(default_factory=dict, metadata={_SECTIONS: True})
 
     def __post_init__(self) -> None:
+        load_plugins(self.plugins, "plugins")  # already imported when loaded from YAML; a no-op then
+        sections = _method_sections()
+        unknown = [name for name in self.methods if name not in sections]
+        if unknown:
+            raise DiffalignError(
+                f"unknown method section {unknown[0]!r}; registered sections are {', '.join(sections)}"
+            )
+        methods = {}
+        for name, config_cls in sections.items():
+            value = self.methods[name] if name in self.methods else config_cls()
+            if not isinstance(value, config_cls):
+                raise TypeError(f"methods[{name!r}] must be a {config_cls.__qualname__}, got {type(value).__name__}")
+            methods[name] = value
+        self.methods = methods
         validate(self)
+
+    def __getattr__(self, name: str) -> Any:
+        """A method section by name (``cfg.ddpo``); only called when normal attribute lookup fails."""
+        methods = self.__dict__.get("methods")
+        if methods is not None and name in methods:
+            return methods[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        methods = self.__dict__.get("methods")
+        if methods is not None and name in methods:
+            methods[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def method_config(self) -> Any:
+        """The config section of ``train.method`` (e.g. the ``DraftConfig`` of ``draft_k``)."""
+        return self.methods[get_method(self.train.method).section]
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, overrides: list[str] | None = None) -> DiffalignConfig:
+    def from_dict(
+        cls, data: dict[str, Any] | None, overrides: list[str] | None = None, plugins: list[str] | None = None
+    ) -> DiffalignConfig:
+        """Build from YAML-shaped data and ``overrides``.
+
+        The plugin modules (``plugins`` of the data, or of an override ``plugins=[...]``, then the extra
+        ``plugins`` given here, e.g. the command line's ``DIFFALIGN_PLUGINS``) are imported first, so
+        that their methods' sections and names are known; all of them are recorded in ``cfg.plugins``.
+        """
         data = dict(data or {})
-        for item in overrides or []:
-            key, value = parse_override(item)
-            _set_path(data, key, _Raw(value))
-        return _build(cls, data, "")
+        parsed = [parse_override(item) for item in overrides or []]
+        listed: Any = data.get("plugins", [])
+        for key, value in parsed:
+            if key == "plugins":
+                listed = _Raw(value)
+        modules = [] if listed is None else _coerce("plugins", listed, list[str])  # "plugins:" alone: none
+        modules += [m for m in plugins or [] if m not in modules]
+        load_plugins(modules, "plugins")
+        data["plugins"] = modules
+        for key, value in parsed:
+            if key != "plugins":
+                _set_path(data, key, _Raw(value))
+        return _build_config(data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> DiffalignConfig:
-        """Load ``path`` and apply ``overrides`` (``section.key=value``).
+    def from_yaml(
+        cls, path: str | Path, overrides: list[str] | None = None, plugins: list[str] | None = None
+    ) -> DiffalignConfig:
+        """Load ``path`` and apply ``overrides`` (``section.key=value``); ``plugins`` as in :meth:`from_dict`.
 
         A missing path, a directory, a file that is not UTF-8 text or not valid YAML, or YAML whose
         top level is not a mapping of sections is a one-line :class:`DiffalignError`.
@@ -233,16 +303,19 @@ class DiffalignConfig:
                 f"config file {path} must hold a mapping of sections (model:, train:, ...), not a {type(data).__name__}; "
                 f"{examples}"
             )
-        return cls.from_dict(resolve_config_paths(data, file.parent, overrides), overrides)
+        return cls.from_dict(resolve_config_paths(data, file.parent, overrides), overrides, plugins)
 
     # ----------------------------------------------------------------------------- writing
     def to_dict(self) -> dict[str, Any]:
-        """Plain data; method sections other than the active method's are left out."""
-        from diffalign.methods import METHODS, method_section
-
-        active = method_section(self.train.method)
-        skip = {s for _, s in METHODS.values()} - {active}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        """Plain data in the YAML's shape: ``plugins`` (when any), the core sections, then the active
+        method's section only (other methods' sections are left out)."""
+        data = dataclasses.asdict(self)
+        methods, plugins = data.pop("methods"), data.pop("plugins")
+        out: dict[str, Any] = {"plugins": plugins} if plugins else {}
+        out.update(data)
+        section = get_method(self.train.method).section
+        out[section] = methods[section]
+        return out
 
     def save_yaml(self, path: str | Path) -> Path:
         path = Path(path)
@@ -373,7 +446,7 @@ def validate(cfg: DiffalignConfig) -> None:
     from reward_models import RewardSpec, require_differentiable
     from reward_models.registry import reward_class
 
-    method, s = cfg.train.method, cfg.sample
+    method = cfg.train.method
     specs = [RewardSpec.parse(r) for r in cfg.reward.rewards]
     for spec in specs + [RewardSpec.parse(r) for r in cfg.eval.rewards]:
         reward_class(spec.name)  # unknown reward: one line with the closest name
@@ -381,40 +454,11 @@ def validate(cfg: DiffalignConfig) -> None:
         if any(spec.raw.get("weight") is not None for spec in specs):
             raise DiffalignError("give reward weights either in the specs (weight=W) or in reward.weights, not both")
         check_weights([str(sp) for sp in specs], cfg.reward.weights)
-    if method in BACKPROP_METHODS:
+    entry = get_method(method)  # the registry's entry: its reward requirement and its own checks
+    if entry.needs_differentiable_reward:
         require_differentiable(specs, method)
-        if s.num_batches != 1:
-            raise DiffalignError(
-                f"sample.num_batches is for ddpo; {method} takes train.gradient_accumulation_steps micro-batches "
-                "per update: set sample.num_batches=1"
-            )
-    if method == "alignprop" and cfg.alignprop.truncation == "fixed" and cfg.alignprop.k > s.steps:
-        raise DiffalignError(f"alignprop.k={cfg.alignprop.k} exceeds sample.steps={s.steps}; lower alignprop.k")
-    if method == "alignprop" and cfg.alignprop.truncation in ("uniform", "gaussian") and s.steps < 2:
-        raise DiffalignError("alignprop's random truncation needs sample.steps >= 2; use alignprop.truncation=fixed")
-    if method == "draft_k" and cfg.draft.k > s.steps:
-        raise DiffalignError(f"draft.k={cfg.draft.k} exceeds sample.steps={s.steps}; lower draft.k")
-    if method == "ddpo":
-        d = cfg.ddpo
-        if s.eta <= 0:
-            raise DiffalignError("ddpo needs sample.eta > 0 (log-probs are undefined for eta = 0); set sample.eta=1.0")
-        per_step = s.batch_size * s.num_batches
-        if per_step % d.train_batch_size:
-            raise DiffalignError(
-                f"ddpo: samples per step per process (sample.batch_size x sample.num_batches = {per_step}) must be "
-                f"divisible by ddpo.train_batch_size ({d.train_batch_size})"
-            )
-        minibatches = per_step // d.train_batch_size
-        if minibatches % cfg.train.gradient_accumulation_steps:
-            raise DiffalignError(
-                f"ddpo: {minibatches} minibatches per inner epoch is not divisible by "
-                f"train.gradient_accumulation_steps ({cfg.train.gradient_accumulation_steps}); an update would be lost"
-            )
-        if not d.cfg and s.guidance_scale != 1.0:
-            raise DiffalignError(
-                "ddpo.cfg=false recomputes log-probs without the guidance used for sampling, so ratios are not 1 "
-                "at theta_old; set ddpo.cfg=true or sample.guidance_scale=1"
-            )
+    if entry.validate is not None:
+        entry.validate(cfg)
     if cfg.train.mixed_precision == "fp16" and cfg.model.device == "cpu":
         raise DiffalignError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
     load_prompts(cfg.prompts.train, "prompts.train")
@@ -459,11 +503,29 @@ def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _method_sections() -> dict[str, type]:
+    """The registry's method sections; one named like a core section (``train``, ...) is an error."""
+    sections = method_sections()
+    core = {f.name for f in dataclasses.fields(DiffalignConfig)}
+    for entry in registered_methods():
+        if entry.section in core:
+            raise DiffalignError(
+                f"method {entry.name!r} ({entry.cls.__module__}) registers config section {entry.section!r}, a core "
+                "section of the config; register it with another section name"
+            )
+    return sections
+
+
 def leaf_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every settable dotted key of a config dataclass."""
+    """Every settable dotted key of a config dataclass (for :class:`DiffalignConfig`, with the
+    registered method sections)."""
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get(_SECTIONS):
+            for section, config_cls in _method_sections().items():
+                out += leaf_keys(config_cls, f"{prefix}{section}.")
+            continue
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
             out += leaf_keys(hint, f"{prefix}{f.name}.")
@@ -478,6 +540,19 @@ def _unknown_key(key: str) -> DiffalignError:
     close = difflib.get_close_matches(key, known + sections, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else f"; sections are {', '.join(sections)}"
     return DiffalignError(f"unknown config key '{key}'{hint}")
+
+
+def _build_config(data: dict[str, Any]) -> DiffalignConfig:
+    """The whole config from YAML-shaped data: core sections as fields, method sections into ``methods``."""
+    sections = _method_sections()
+    hints = typing.get_type_hints(DiffalignConfig)
+    core = [f.name for f in dataclasses.fields(DiffalignConfig) if not f.metadata.get(_SECTIONS)]
+    for key in data:
+        if key not in core and key not in sections:
+            raise _unknown_key(key)
+    kwargs = {name: _coerce(name, data[name], hints[name]) for name in core if name in data}
+    methods = {name: _coerce(name, data[name], config_cls) for name, config_cls in sections.items() if name in data}
+    return DiffalignConfig(**kwargs, methods=methods)
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

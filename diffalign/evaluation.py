@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.sampling import sample_differentiable
+from diffalign.sampling import make_sampler, sample_differentiable
 
 if TYPE_CHECKING:
     from diffalign.config import EvalConfig, SampleConfig
@@ -78,9 +78,14 @@ class Evaluator:
         self.first = state.get("first")
 
     def _generate(self, ctx: Any, items: list[tuple[int, int]]) -> torch.Tensor:
-        """Images for (prompt index, seed) pairs, each from its own seeded generator."""
+        """Images for (prompt index, seed) pairs, each from its own seeded generator.
+
+        The training sampler's chain without any graph (:func:`diffalign.sampling.sample_differentiable`
+        with ``grad_from = T``, i.e. :func:`diffalign.sampling.denoise_step` at every step).
+        """
         out = []
         eta = self.sample.eta if self.cfg.eta is None else self.cfg.eta
+        sampler = make_sampler(ctx.scheduler)
         for start in range(0, len(items), self.cfg.batch_size):
             chunk = items[start : start + self.cfg.batch_size]
             prompts = [self.prompts[i] for i, _ in chunk]
@@ -88,9 +93,9 @@ class Evaluator:
             x = ctx.initial_latents(len(chunk), generator=gens)
             z, _ = sample_differentiable(
                 ctx.denoiser(prompts),
-                ctx.scheduler,
+                sampler,
                 x,
-                grad_from=len(ctx.scheduler.timesteps),
+                grad_from=sampler.num_steps,
                 eta=eta,
                 generator=gens,
                 checkpoint=False,

@@ -6,6 +6,16 @@ Nothing here wraps itself in ``torch.no_grad``: the caller decides where gradien
 sampler takes the network as a callable ``denoise(x_t, t) -> model_output`` (conditioning and
 guidance already applied, see :func:`make_denoiser`), so tests can pass a lambda.
 
+One denoising step has one code path, :func:`denoise_step`: the network call on
+``sampler.scale_model_input(x_t, t)`` (optionally checkpointed, optionally on ``sg(x_t)``), then
+``sampler.step``. The trajectory sampler, the differentiable sampler (hence AlignProp, DRaFT-K, ReFL,
+ReNO and evaluation), DRaFT-LV's re-noised step and DDPO's log-prob recomputation all go through it.
+A :class:`Sampler` owns the timestep grid and the step rule; :class:`DDIMSampler` wraps the pure
+:func:`ddim_step` below. :func:`denoise_step`, :func:`sample_trajectory` and
+:func:`sample_differentiable` take a :class:`Sampler` or a diffusers scheduler, which
+:func:`make_sampler` wraps, so a new sampler (a flow-matching SDE step) is one :class:`Sampler`
+subclass plus :func:`register_sampler`, with no change to any method.
+
 Symbols (DDIM, Song et al. 2021, arXiv 2010.02502, Eq. 12; DDPO, Black et al. 2023, arXiv 2305.13301):
 
     x_t      -> ``sample``               alpha_bar_t      -> ``alphas_cumprod[t]``
@@ -18,9 +28,10 @@ from __future__ import annotations
 
 import math
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
@@ -33,13 +44,18 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 
 @dataclass
 class StepOutput:
-    """Everything one DDIM step knows: the new sample, its Gaussian and the log-prob of the sample."""
+    """Everything one sampler step knows: the new sample, its Gaussian and the log-prob of the sample."""
 
-    prev_sample: torch.Tensor
-    log_prob: torch.Tensor  # [B]
-    mean: torch.Tensor
-    std: torch.Tensor  # broadcastable to the sample
-    pred_original_sample: torch.Tensor
+    prev_sample: torch.Tensor  # x_{t-1}
+    log_prob: torch.Tensor  # [B]: log pi(x_{t-1} | x_t, c), see ddim_step
+    mean: torch.Tensor  # mu_theta(x_t, t)
+    std: torch.Tensor  # sigma_t, broadcastable to the sample
+    pred_original_sample: torch.Tensor  # x0_hat (diffusers' name)
+
+    @property
+    def x0_pred(self) -> torch.Tensor:
+        """The predicted clean sample x0_hat (alias of ``pred_original_sample``)."""
+        return self.pred_original_sample
 
 
 def _gather(values: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -68,6 +84,19 @@ def predict_x0_eps(
         x0 = alpha_bar_t.sqrt() * sample - beta_bar_t.sqrt() * model_output
         return x0, alpha_bar_t.sqrt() * model_output + beta_bar_t.sqrt() * sample
     raise DiffalignError(f"unsupported prediction_type {prediction_type!r}; expected epsilon, sample or v_prediction")
+
+
+def _ddim_x0_eps(
+    scheduler, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted x0 and epsilon, x0 clipped or thresholded as the scheduler config says (spec §1.2 item 2)."""
+    cfg = scheduler.config
+    x0, eps = predict_x0_eps(cfg.prediction_type, model_output, sample, alpha_bar_t)
+    if cfg.get("thresholding", False):
+        x0 = scheduler._threshold_sample(x0)
+    elif cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    return x0, eps
 
 
 def ddim_step(
@@ -109,11 +138,7 @@ def ddim_step(
     a_t = _gather(alphas, t, sample)
     a_prev = _gather(alphas, torch.where(prev_t >= 0, prev_t, torch.full_like(prev_t, len(alphas) - 1)), sample)
     # 3. predicted x0 and epsilon, optional clipping as configured
-    x0, eps = predict_x0_eps(cfg.prediction_type, model_output, sample, a_t)
-    if cfg.get("thresholding", False):
-        x0 = scheduler._threshold_sample(x0)
-    elif cfg.clip_sample:
-        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    x0, eps = _ddim_x0_eps(scheduler, model_output, sample, a_t)
     # 4. sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))   (DDIM Eq. 16)
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * variance.clamp(min=0).sqrt()
@@ -208,6 +233,166 @@ def make_denoiser(
     return denoise
 
 
+# ------------------------------------------------------------------------------------- the sampler
+class Sampler(ABC):
+    """A reverse-diffusion sampler: a timestep grid and a step rule ``x_t -> x_{t-1}`` with its log-density.
+
+    ``t`` is always a value of :attr:`timesteps` (what the network sees), a Python number, a 0-d
+    tensor or a per-sample tensor ``[B]`` (DDPO rescoring stored transitions at different steps).
+    Implementations wrap a diffusers scheduler (:attr:`scheduler`, None for a standalone sampler);
+    :func:`make_sampler` builds one per call, so they should hold settings, not sampling state.
+    """
+
+    scheduler: Any = None
+
+    @property
+    @abstractmethod
+    def timesteps(self) -> torch.Tensor:
+        """The sampling grid t_T > ... > t_1 in sampling order (after :meth:`set_steps`)."""
+
+    @abstractmethod
+    def set_steps(self, num_steps: int, device: str | torch.device | None = None) -> None:
+        """Set the grid to ``num_steps`` sampling steps."""
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Scale of the initial noise: x_T = init_noise_sigma * z, z ~ N(0, I)."""
+        return 1.0
+
+    def scale_model_input(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """What the network sees of ``x_t`` at ``t`` (the identity unless the parameterization says otherwise)."""
+        return x_t
+
+    @abstractmethod
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: int | torch.Tensor,
+        x_t: torch.Tensor,
+        eta: float = 1.0,
+        *,
+        generator: Generator = None,
+        noise: torch.Tensor | None = None,
+        prev_sample: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """One step from the network output at ``(x_t, t)``.
+
+        Draws ``x_{t-1} = mean + std * z`` with ``z = noise`` (or drawn from ``generator``), or scores
+        the given ``prev_sample`` (policy gradients on stored trajectories); ``log_prob`` is the
+        Gaussian log-density of ``sg(x_{t-1})``, so gradients reach it only through ``mean``.
+        """
+
+    @abstractmethod
+    def predict_x0(self, model_output: torch.Tensor, t: int | torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """The clean-sample prediction x0_hat of the network output at ``(x_t, t)``."""
+
+
+class DDIMSampler(Sampler):
+    """DDIM with eta (Song et al. 2021, arXiv 2010.02502, Eq. 12 and 16) over a diffusers ``DDIMScheduler``.
+
+    :meth:`step` is :func:`ddim_step` (DDPO's Gaussian log-density, ``logprob_reduction`` mean or
+    sum); the grid, ``init_noise_sigma`` and ``scale_model_input`` are the scheduler's.
+    """
+
+    def __init__(self, scheduler, logprob_reduction: Literal["mean", "sum"] = "mean") -> None:
+        self.scheduler = scheduler
+        self.logprob_reduction = logprob_reduction
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.scheduler.timesteps
+
+    def set_steps(self, num_steps: int, device: str | torch.device | None = None) -> None:
+        self.scheduler.set_timesteps(num_steps, device=device)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.scheduler.init_noise_sigma
+
+    def scale_model_input(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        return self.scheduler.scale_model_input(x_t, t)
+
+    def step(self, model_output, t, x_t, eta=1.0, *, generator=None, noise=None, prev_sample=None) -> StepOutput:
+        return ddim_step(
+            self.scheduler,
+            model_output,
+            t,
+            x_t,
+            eta=eta,
+            prev_sample=prev_sample,
+            generator=generator,
+            noise=noise,
+            logprob_reduction=self.logprob_reduction,
+        )
+
+    def predict_x0(self, model_output, t, x_t) -> torch.Tensor:
+        """x0_hat of DDIM Eq. 12 (by ``prediction_type``, clipped as configured), in float32 for half inputs."""
+        if x_t.dtype in (torch.float16, torch.bfloat16):
+            model_output, x_t = model_output.float(), x_t.float()
+        t = torch.as_tensor(t, device="cpu").long().reshape(-1).expand(x_t.shape[0])
+        a_t = _gather(self.scheduler.alphas_cumprod, t, x_t)
+        return _ddim_x0_eps(self.scheduler, model_output, x_t, a_t)[0]
+
+
+_SAMPLERS: dict[str, Callable[[Any], Sampler]] = {"DDIMScheduler": DDIMSampler}
+
+
+def register_sampler(scheduler_class: str, factory: Callable[[Any], Sampler]) -> None:
+    """Make :func:`make_sampler` wrap schedulers of class ``scheduler_class`` (or a subclass) with ``factory``."""
+    _SAMPLERS[scheduler_class] = factory
+
+
+def make_sampler(scheduler) -> Sampler:
+    """The :class:`Sampler` for a diffusers scheduler (a :class:`Sampler` is returned as it is).
+
+    Raises a one-line :class:`DiffalignError` naming the supported schedulers for any other.
+    """
+    if isinstance(scheduler, Sampler):
+        return scheduler
+    for cls in type(scheduler).__mro__:
+        if cls.__name__ in _SAMPLERS:
+            return _SAMPLERS[cls.__name__](scheduler)
+    raise DiffalignError(
+        f"diffalign has no sampler for {type(scheduler).__name__}; supported schedulers: "
+        f"{', '.join(sorted(_SAMPLERS))} (load the pipeline with scheduler='ddim')"
+    )
+
+
+def denoise_step(
+    denoise: Denoiser,
+    sampler: Sampler | Any,
+    x_t: torch.Tensor,
+    t: int | torch.Tensor,
+    eta: float = 1.0,
+    *,
+    generator: Generator = None,
+    noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+    checkpoint: bool = False,
+    detach_input: bool = False,
+) -> StepOutput:
+    """One denoising step: ``sampler.step(denoise(scale_model_input(x_t, t), t), t, x_t, ...)``.
+
+    ``denoise`` carries conditioning and classifier-free guidance (:func:`make_denoiser`), ``sampler``
+    the step rule (:class:`Sampler`, or a scheduler wrapped by :func:`make_sampler`). ``checkpoint``
+    wraps the network call in non-reentrant activation checkpointing when gradients are enabled;
+    ``detach_input`` feeds the network ``sg(x_t)`` (DRTune, see :func:`sample_differentiable`) while
+    the step itself stays differentiable in ``x_t``. ``generator`` / ``noise`` / ``prev_sample`` are
+    passed to :meth:`Sampler.step`.
+    """
+    sampler = make_sampler(sampler)
+    inp = sampler.scale_model_input(x_t.detach() if detach_input else x_t, t)
+    if checkpoint and torch.is_grad_enabled():
+        out = _checkpoint(denoise, inp, t, use_reentrant=False)
+    else:
+        out = denoise(inp, t)
+    return sampler.step(out, t, x_t, eta, generator=generator, noise=noise, prev_sample=prev_sample)
+
+
 @dataclass
 class Trajectory:
     """A sampled chain for policy-gradient methods (spec §1.5)."""
@@ -223,21 +408,23 @@ class Trajectory:
 
 def sample_trajectory(
     denoise: Denoiser,
-    scheduler,
+    scheduler: Sampler | Any,
     latents: torch.Tensor,
     eta: float = 1.0,
     generator: Generator = None,
 ) -> Trajectory:
-    """Run the whole DDIM chain from ``latents`` = x_T over ``scheduler.timesteps``, recording every
-    latent and per-step log-prob (DDPO, arXiv 2305.13301, Sec. 4.2). Call under ``no_grad`` for rollouts."""
+    """Run the whole chain from ``latents`` = x_T over the sampler's timesteps (DDIM Eq. 12 with eta),
+    recording every latent and per-step log-prob (DDPO, arXiv 2305.13301, Sec. 4.2). ``scheduler`` is a
+    :class:`Sampler` or a diffusers scheduler (:func:`make_sampler`). Call under ``no_grad`` for rollouts."""
+    sampler = make_sampler(scheduler)
     xs, logps = [latents], []
     x = latents
-    for t in scheduler.timesteps:
-        out = ddim_step(scheduler, denoise(scheduler.scale_model_input(x, t), t), t, x, eta=eta, generator=generator)
+    for t in sampler.timesteps:
+        out = denoise_step(denoise, sampler, x, t, eta, generator=generator)
         x = out.prev_sample
         xs.append(x)
         logps.append(out.log_prob)
-    return Trajectory(torch.stack(xs, dim=1), torch.stack(logps, dim=1), scheduler.timesteps.clone())
+    return Trajectory(torch.stack(xs, dim=1), torch.stack(logps, dim=1), sampler.timesteps.clone())
 
 
 TruncationMode = Literal["none", "fixed", "uniform", "gaussian"]
@@ -278,7 +465,7 @@ def draw_truncation(
 
 def sample_differentiable(
     denoise: Denoiser,
-    scheduler,
+    scheduler: Sampler | Any,
     latents: torch.Tensor,
     grad_from: int = 0,
     eta: float = 0.0,
@@ -290,8 +477,9 @@ def sample_differentiable(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample with gradients through steps ``grad_from .. T-1`` (AlignProp / DRaFT-K / full DRaFT).
 
-    Steps before ``grad_from`` run without a graph (equivalent to AlignProp's detaching of the
-    network output there, and cheaper). With ``checkpoint`` every network call with gradient is
+    ``scheduler`` is a :class:`Sampler` or a diffusers scheduler (:func:`make_sampler`); every step is
+    :func:`denoise_step`. Steps before ``grad_from`` run without a graph (equivalent to AlignProp's
+    detaching of the network output there, and cheaper). With ``checkpoint`` every network call with gradient is
     wrapped in non-reentrant activation checkpointing, so memory stays that of one UNet call plus
     one latent per step, whatever the number of steps. ``noises[k]`` fixes the step noise
     (reparameterized sampling, for finite-difference tests). ``stop_at`` returns early after that
@@ -306,20 +494,19 @@ def sample_differentiable(
     Returns ``(x, pred_x0)``: the final latent (or the latent after ``stop_at`` steps) and the last
     step's predicted x0.
     """
+    sampler = make_sampler(scheduler)
     x = latents
     x0 = None
-    timesteps = scheduler.timesteps if stop_at is None else scheduler.timesteps[:stop_at]
+    timesteps = sampler.timesteps if stop_at is None else sampler.timesteps[:stop_at]
     for k, t in enumerate(timesteps):
         noise = noises[k] if noises is not None else None
         if eta > 0 and noise is None:
             noise = _randn(x.shape, generator, x)
+        # steps before grad_from build no graph; checkpointing applies only where one is built
         with torch.set_grad_enabled(k >= grad_from and torch.is_grad_enabled()):
-            inp = scheduler.scale_model_input(x.detach() if detach_input else x, t)
-            if checkpoint and k >= grad_from and torch.is_grad_enabled():
-                out = _checkpoint(denoise, inp, t, use_reentrant=False)
-            else:
-                out = denoise(inp, t)
-            step = ddim_step(scheduler, out, t, x, eta=eta, noise=noise)
+            step = denoise_step(
+                denoise, sampler, x, t, eta, noise=noise, checkpoint=checkpoint, detach_input=detach_input
+            )
             x, x0 = step.prev_sample, step.pred_original_sample
     return x, x0
 

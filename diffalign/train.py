@@ -1,8 +1,10 @@
-"""``diffalign train``: fine-tune a LoRA with reward backprop (AlignProp, DRaFT-K/LV, ReFL) or DDPO."""
+"""``diffalign train``: fine-tune a LoRA with a registered method (reward backprop: AlignProp, DRaFT-K/LV,
+ReFL; policy gradient: DDPO; or a plugin's, from ``plugins:`` in the config or ``DIFFALIGN_PLUGINS``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
 
 EPILOG = """examples:
@@ -13,7 +15,33 @@ EPILOG = """examples:
 
 overrides are section.key=value (train.lr=1e-3, model.lora.rank=16, eval.seeds=[0,1,2],
 reward.rewards=[shapes_clip]); see docs/training.md for every key. Outputs in the output directory:
-config.yaml (resolved), metrics.jsonl, eval.jsonl, samples/eval_step_N.png, checkpoints/step_N/, lora/."""
+config.yaml (resolved), metrics.jsonl, eval.jsonl, samples/eval_step_N.png, checkpoints/step_N/, lora/.
+
+methods (train.method; its options live in the config section shown):
+{methods}
+a method of your own: register it in a module (docs/training.md) and list the module in the config's
+plugins: [my_pkg.my_method], or in DIFFALIGN_PLUGINS=my_pkg.my_method (comma-separated) for this command."""
+
+
+def _methods() -> list[Any]:
+    """The registered methods, with those of DIFFALIGN_PLUGINS when they import (``run`` reports failures)."""
+    from diffalign.methods import load_plugins, registered_methods
+    from diffalign.methods.registry import PLUGINS_ENV, plugins_from_env
+
+    with contextlib.suppress(Exception):  # the help must not fail; run() raises the one-line error
+        load_plugins(plugins_from_env(), PLUGINS_ENV)
+    return registered_methods()
+
+
+def _method_lines(entries: list[Any]) -> str:
+    """One help line per method: name, config section, the rewards it accepts."""
+    width = max(len(e.name) for e in entries)
+    swidth = max(len(e.section) for e in entries) + 1
+    lines = []
+    for e in entries:
+        reward = "needs a differentiable reward" if e.needs_differentiable_reward else "any reward"
+        lines.append(f"  {e.name:<{width}}  {e.section + ':':<{swidth}}  {reward}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,23 +54,28 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``diffalign train`` (``args`` from the parser :func:`register` builds)."""
     from diffalign.config import DiffalignConfig
+    from diffalign.methods import load_plugins
+    from diffalign.methods.registry import PLUGINS_ENV, plugins_from_env
     from diffalign.trainer import Trainer
 
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"checkpoint.output_dir={args.output_dir}")
-    cfg = DiffalignConfig.from_yaml(args.config, overrides)
+    env_plugins = plugins_from_env()
+    load_plugins(env_plugins, PLUGINS_ENV)  # errors name the variable; the config records them in plugins:
+    cfg = DiffalignConfig.from_yaml(args.config, overrides, plugins=env_plugins)
     Trainer(cfg, resume=args.resume).run()
     return 0
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand; ``func`` is :func:`run`."""
+    entries = _methods()
     parser = subparsers.add_parser(
         "train",
-        help="train a LoRA against rewards (alignprop, draft_k, draft_lv, refl, ddpo)",
+        help=f"train a LoRA against rewards ({', '.join(e.name for e in entries)})",
         description="Fine-tune a LoRA on a diffusers pipeline against one or more rewards.",
-        epilog=EPILOG,
+        epilog=EPILOG.format(methods=_method_lines(entries)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="YAML config (see configs/)")

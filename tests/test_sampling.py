@@ -9,13 +9,20 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from diffalign import sampling
 from diffalign.errors import DiffalignError
 from diffalign.sampling import (
+    DDIMSampler,
+    Sampler,
+    StepOutput,
     cfg_combine,
     ddim_step,
     ddim_step_with_logprob,
+    denoise_step,
     draw_truncation,
     gaussian_log_prob,
+    make_denoiser,
+    make_sampler,
     sample_differentiable,
     sample_trajectory,
 )
@@ -253,3 +260,199 @@ def test_ddim_step_requires_set_timesteps():
         ddim_step(s, torch.zeros(1, 1, 2, 2), 10, torch.zeros(1, 1, 2, 2))
     with pytest.raises(DiffalignError, match="logprob_reduction"):
         gaussian_log_prob(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 1), "max")
+
+
+# ------------------------------------------------------------------------ the sampler interface
+class ToyUNet(torch.nn.Module):
+    """A diffusers-UNet-shaped toy: eps = tanh(x) * mean(text) + 1e-3 t, elementwise per row."""
+
+    def forward(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None):
+        from types import SimpleNamespace
+
+        scale = encoder_hidden_states.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+        return SimpleNamespace(sample=torch.tanh(x) * scale + 1e-3 * t.float().reshape(-1, 1, 1, 1))
+
+
+def test_denoise_step_is_the_hand_composed_cfg_and_ddim_step():
+    s = sched(10)
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    x, z, prev = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    t = s.timesteps[4]
+    denoise = make_denoiser(ToyUNet(), cond, uncond, guidance_scale=5.0)
+    ours = denoise_step(denoise, s, x, t, 1.0, noise=z)
+    # by hand: two unguided network calls, CFG e_u + w (e_c - e_u), then the DDIM step (Eq. 12, 16)
+    tt = t.reshape(1).expand(2)
+    e_u = ToyUNet()(x, tt, encoder_hidden_states=uncond).sample
+    e_c = ToyUNet()(x, tt, encoder_hidden_states=cond).sample
+    eps = e_u + 5.0 * (e_c - e_u)
+    hand = ddim_step(s, eps, t, x, eta=1.0, noise=z)
+    for field in ("prev_sample", "log_prob", "mean", "std", "pred_original_sample"):
+        assert torch.equal(getattr(ours, field), getattr(hand, field)), field
+    assert torch.equal(ours.x0_pred, hand.pred_original_sample)
+    # and the DDIM update is diffusers' own step with the same noise
+    ref = s.step(eps, t, x, eta=1.0, variance_noise=z)
+    assert (ours.prev_sample - ref.prev_sample).abs().max() < 1e-6
+    assert (ours.x0_pred - ref.pred_original_sample).abs().max() < 1e-6
+    # scoring a given x_{t-1} (DDPO's recomputation) goes through the same path
+    scored = denoise_step(denoise, DDIMSampler(s), x, t, 1.0, prev_sample=prev)
+    assert torch.equal(scored.log_prob, ddim_step(s, eps, t, x, eta=1.0, prev_sample=prev).log_prob)
+
+
+@pytest.mark.parametrize("kw", [{}, {"prediction_type": "v_prediction"}])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ddim_sampler_logprob_is_the_independent_gaussian_density(kw, reduction):
+    s = sched(20, **kw)
+    sampler = make_sampler(s)
+    sampler.logprob_reduction = reduction
+    g = torch.Generator().manual_seed(2)
+    x, m, prev = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    eta, t = 0.7, int(s.timesteps[6])
+    out = sampler.step(m, t, x, eta, prev_sample=prev)
+    # independently: DDIM Eq. 12 (mean) and Eq. 16 (sigma) from alphas_cumprod
+    a_t, a_p = s.alphas_cumprod[t], s.alphas_cumprod[t - 1000 // 20]
+    if kw:
+        x0, e = a_t.sqrt() * x - (1 - a_t).sqrt() * m, a_t.sqrt() * m + (1 - a_t).sqrt() * x
+    else:
+        x0, e = (x - (1 - a_t).sqrt() * m) / a_t.sqrt(), m
+    sigma = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)).sqrt()
+    mean = a_p.sqrt() * x0 + (1 - a_p - sigma**2).sqrt() * e
+    dens = torch.distributions.Normal(mean, sigma).log_prob(prev)
+    expected = dens.mean(dim=(1, 2, 3)) if reduction == "mean" else dens.sum(dim=(1, 2, 3))
+    assert torch.allclose(out.log_prob, expected, rtol=1e-5, atol=1e-4)
+    assert (sampler.predict_x0(m, t, x) - x0).abs().max() < 1e-5
+    assert torch.equal(sampler.predict_x0(m, t, x), out.x0_pred)
+
+
+def test_ddim_sampler_wraps_the_scheduler():
+    s = sched(7)
+    sampler = make_sampler(s)
+    assert isinstance(sampler, DDIMSampler) and make_sampler(sampler) is sampler
+    assert torch.equal(sampler.timesteps, s.timesteps) and sampler.num_steps == 7
+    assert sampler.init_noise_sigma == s.init_noise_sigma
+    x = torch.randn(1, 4, 2, 2)
+    assert torch.equal(sampler.scale_model_input(x, s.timesteps[0]), x)
+    sampler.set_steps(3)
+    assert len(s.timesteps) == 3 and sampler.num_steps == 3
+
+
+def test_make_sampler_names_the_supported_schedulers():
+    from diffusers import EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    with pytest.raises(
+        DiffalignError, match="no sampler for EulerDiscreteScheduler; supported schedulers: DDIMScheduler"
+    ):
+        make_sampler(euler)
+    with pytest.raises(DiffalignError) as err:
+        sample_trajectory(lambda x, t: x, euler, torch.zeros(1, 1, 2, 2))
+    assert "\n" not in str(err.value)
+
+
+class FakeSampler(Sampler):
+    """Not DDIM: x_{t-1} = x_t - 0.1 eps (+ 0.05 eta z), on its own grid, with a non-identity input scaling."""
+
+    def __init__(self, scheduler=None, steps: int = 4) -> None:
+        self.scheduler = scheduler
+        self.set_steps(steps)
+
+    @property
+    def timesteps(self):
+        return self._timesteps
+
+    def set_steps(self, num_steps, device=None):
+        self._timesteps = torch.arange(num_steps, 0, -1) * 100
+
+    def scale_model_input(self, x_t, t):
+        return 2.0 * x_t
+
+    def predict_x0(self, model_output, t, x_t):
+        return x_t - model_output
+
+    def step(self, model_output, t, x_t, eta=1.0, *, generator=None, noise=None, prev_sample=None):
+        mean = x_t - 0.1 * model_output
+        std = torch.full((x_t.shape[0], 1, 1, 1), 0.05 * eta)
+        if prev_sample is None:
+            z = noise if noise is not None else torch.randn(x_t.shape, generator=generator)
+            prev_sample = mean + std * z if eta > 0 else mean
+        logp = gaussian_log_prob(prev_sample.detach(), mean, std) if eta > 0 else torch.zeros(x_t.shape[0])
+        return StepOutput(prev_sample, logp, mean, std, self.predict_x0(model_output, t, x_t))
+
+
+def test_a_new_sampler_plugs_into_the_samplers(monkeypatch):
+    seen = []
+
+    def denoise(x, t):
+        seen.append((x.clone(), t))
+        return 0.5 * x
+
+    x_T = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    traj = sample_trajectory(denoise, FakeSampler(), x_T, eta=0.0)
+    x = x_T
+    for k, t in enumerate([400, 300, 200, 100]):  # by hand: the network sees 2 x, the step is x - 0.1 eps
+        assert torch.equal(seen[k][0], 2.0 * x) and int(seen[k][1]) == t
+        x = x - 0.1 * (0.5 * (2.0 * x))
+        assert torch.equal(traj.latents[:, k + 1], x)
+    assert traj.timesteps.tolist() == [400, 300, 200, 100] and torch.equal(traj.log_probs, torch.zeros(2, 4))
+    # gradients flow through the new step rule in the differentiable sampler
+    net = CountingDenoiser()
+    out, x0 = sample_differentiable(net, FakeSampler(), x_T, grad_from=2, eta=0.0, checkpoint=False)
+    out.sum().backward()
+    assert net.grad_calls == 2 and net.theta.grad.abs() > 0 and x0.shape == x_T.shape
+
+    # a diffusers-like scheduler class registered once is wrapped wherever a scheduler is taken
+    class FlowScheduler:
+        pass
+
+    monkeypatch.setitem(sampling._SAMPLERS, "FlowScheduler", FakeSampler)
+    seen.clear()
+    again = sample_trajectory(denoise, FlowScheduler(), x_T, eta=0.0)
+    assert isinstance(make_sampler(FlowScheduler()), FakeSampler) and torch.equal(again.latents, traj.latents)
+
+
+def test_ddpo_runs_on_a_new_sampler_unchanged():
+    """DDPO samples and rescores through the sampler it is given: at theta_old every ratio is exactly 1."""
+    from diffalign.config import SampleConfig, TrainConfig
+    from diffalign.methods import PromptBatch
+    from diffalign.methods.ddpo import DDPO, DDPOConfig
+
+    w = torch.nn.Parameter(torch.tensor(0.3))
+
+    class Ctx:
+        sample = SampleConfig(steps=4, eta=1.0, guidance_scale=1.0, batch_size=4)
+        scheduler = FakeSampler(steps=4)
+        generator = torch.Generator().manual_seed(0)
+        rng = random.Random(0)
+        checkpointing = False
+        process_index = 0
+
+        def denoiser(self, prompts):
+            return lambda x, t: w * x
+
+        def initial_latents(self, n, generator=None):
+            return torch.randn(n, 4, 2, 2, generator=self.generator)
+
+        def decode(self, latents, differentiable=False):
+            return torch.sigmoid(latents[:, :3])
+
+        def rewards(self, images, prompts):
+            r = images.mean(dim=(1, 2, 3))
+            return r, {"toy": r}
+
+        def backward(self, loss):
+            loss.backward()
+
+        def optimizer_step(self):
+            return 0.0
+
+        def gather(self, t):
+            return t
+
+        def prompt_keys(self, prompts):
+            return prompts
+
+    ctx = Ctx()
+    cfg = DDPOConfig(train_batch_size=2, per_prompt_stat_tracking=False)
+    res = DDPO(cfg, ctx.sample, TrainConfig(method="ddpo")).step(ctx, [PromptBatch(list("abcd"), list("abcd"))])
+    assert res.stats["approx_kl"] == 0.0 and res.stats["clipfrac"] == 0.0 and res.updates == 2
+    assert w.grad is not None and w.grad.abs() > 0

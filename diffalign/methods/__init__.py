@@ -1,50 +1,53 @@
-"""Training methods by name: each entry names its class and the config section holding its options.
+"""Training methods: the :class:`Method` contract (``base.py``), the registry (``registry.py``) and the
+built-in methods, which register themselves when their modules are imported here.
 
-alignprop  AlignProp, randomized truncated reward backprop      section ``alignprop``
-draft_k    DRaFT-K, reward backprop through the last K steps     section ``draft``
-draft_lv   DRaFT-LV, low-variance re-noised last step            section ``draft``
-refl       ReFL, reward on a late step's predicted x0            section ``refl``
-ddpo       DDPO_IS, PPO-clipped policy gradient                  section ``ddpo``
+Which methods exist, their config sections and whether they need a differentiable reward is what the
+registry says (:func:`registered_methods`; the table in docs/training.md is tested against it). A
+method of another package registers from its own module, listed in the config's ``plugins:``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from diffalign.errors import DiffalignError
 from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
-from diffalign.methods.ddpo import DDPO
-from diffalign.methods.reward_backprop import AlignProp, DraftK, DraftLV, ReFL
+from diffalign.methods.registry import (
+    MethodEntry,
+    build_method,
+    get_method,
+    load_plugins,
+    method_names,
+    method_sections,
+    register_method,
+    registered_methods,
+)
 
-if TYPE_CHECKING:
-    from diffalign.config import DiffalignConfig
-
-METHODS: dict[str, tuple[type[Method], str]] = {
-    "alignprop": (AlignProp, "alignprop"),
-    "draft_k": (DraftK, "draft"),
-    "draft_lv": (DraftLV, "draft"),
-    "refl": (ReFL, "refl"),
-    "ddpo": (DDPO, "ddpo"),
-}
+# The built-in methods: importing a module registers its entries (reward backprop first, in table order).
+from diffalign.methods import reward_backprop as _reward_backprop  # noqa: F401  # isort: skip
+from diffalign.methods import ddpo as _ddpo  # noqa: F401  # isort: skip
 
 
 def method_class(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise DiffalignError(f"unknown method {name!r}; use one of {', '.join(METHODS)}")
-    return METHODS[name][0]
+    """The :class:`Method` class registered as ``name``."""
+    return get_method(name).cls
 
 
 def method_section(name: str) -> str:
-    """The config section (``alignprop``, ``draft``, ``refl``, ``ddpo``) of a method."""
-    method_class(name)
-    return METHODS[name][1]
+    """The config section (``alignprop``, ``draft``, ...) holding the options of method ``name``."""
+    return get_method(name).section
 
 
-def build_method(cfg: DiffalignConfig) -> Method:
-    """The method named by ``cfg.train.method`` with its section of the config."""
-    name = cfg.train.method
-    cls = method_class(name)
-    return cls(getattr(cfg, method_section(name)), cfg.sample, cfg.train)
-
-
-__all__ = ["METHODS", "Method", "PromptBatch", "StepContext", "StepResult", "build_method", "method_section"]
+__all__ = [
+    "Method",
+    "MethodEntry",
+    "PromptBatch",
+    "StepContext",
+    "StepResult",
+    "build_method",
+    "get_method",
+    "load_plugins",
+    "method_class",
+    "method_names",
+    "method_section",
+    "method_sections",
+    "register_method",
+    "registered_methods",
+]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from diffalign.config import SampleConfig
+    from diffalign.config import SampleConfig, TrainConfig
     from diffalign.sampling import Denoiser
 
 
@@ -68,10 +68,49 @@ class StepContext(Protocol):
 
 
 class Method:
-    """Base class: a name, whether the reward must be differentiable, state for checkpoints."""
+    """Base class: a name, whether the reward must be differentiable, state for checkpoints.
+
+    A method becomes usable as ``train.method`` by a :class:`~diffalign.methods.registry.MethodEntry`
+    registered from its module; the trainer builds it as ``cls(section_config, sample, train)``.
+    ``needs_differentiable_reward`` is the default of the entry's flag, which the config checks
+    against the training rewards before any model loads.
+
+    **State the method owns** (docs/training.md, "Methods with their own modules and data"):
+
+    - trainable modules (a discriminator, a value head): built in :meth:`configure`, returned by
+      :meth:`modules`; the trainer moves them to its device, saves their state dicts in every checkpoint
+      (``method_modules.safetensors``, exact values) and loads them back on resume;
+    - their optimizers (and any other ``torch.optim.Optimizer`` over them): returned by
+      :meth:`optimizers`; their states go into every checkpoint's ``state.pt`` and are restored on
+      resume, so a resumed run continues bit for bit;
+    - plain Python / tensor state (running statistics, counters, an LR scheduler's ``state_dict()``):
+      :meth:`state_dict` / :meth:`load_state_dict` (called after the modules and optimizers are restored).
+
+    Randomness: a method draws only from ``ctx.generator`` (torch) and ``ctx.rng`` (python), which the
+    trainer checkpoints per process; the global RNGs are not the method's. With several processes, a
+    method that steps its own optimizer averages the gradients first with
+    ``ctx.sync_gradients(params)`` (as ``ctx.optimizer_step`` does for the LoRA) and steps on every
+    process, so the modules stay equal everywhere. The trainer does not wrap owned modules in DDP and
+    does not scale their losses: call ``loss.backward()`` on a module's own loss (``ctx.backward`` is for
+    the LoRA's loss and applies the fp16 gradient scaler).
+
+    **A dataset on disk** instead of the prompt stream: a method with ``uses_dataset = True`` requires
+    the config's ``data.train`` (a JSONL file, :mod:`diffalign.datasets`); every record must hold a
+    ``prompt``, an image path under each key of ``dataset_images`` and a number under each key of
+    ``dataset_labels``. Its :meth:`step` then receives :class:`diffalign.datasets.DatasetBatch` objects
+    (a :class:`PromptBatch` with the local ``records``, their ``images`` as ``[B, 3, H, W]`` tensors in
+    ``[0, 1]`` on the CPU and their ``labels`` as ``[B]`` tensors), each process a disjoint slice of the
+    global batch, reshuffled every epoch from ``train.seed``, the position checkpointed.
+    """
 
     name: str = "method"
     needs_differentiable_reward: bool = False
+    uses_dataset: bool = False  # train from records of data.train instead of prompts.train
+    dataset_images: tuple[str, ...] = ()  # record keys holding image paths (e.g. ("chosen", "rejected"))
+    dataset_labels: tuple[str, ...] = ()  # record keys holding numbers (e.g. ("score",))
+
+    def __init__(self, cfg: Any, sample: SampleConfig, train: TrainConfig) -> None:
+        self.cfg, self.sample, self.train = cfg, sample, train
 
     def batches_per_step(self) -> int:
         """How many :class:`PromptBatch` of ``sample.batch_size`` prompts one step consumes."""
@@ -84,8 +123,32 @@ class Method:
     def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
         raise NotImplementedError
 
+    def configure(self, ctx: StepContext) -> None:
+        """Build the modules and optimizers the method owns; called once, after the pipeline loads and
+        before a checkpoint is restored (a resumed run then overwrites their values and states).
+
+        ``ctx`` is the trainer's :class:`StepContext` (``ctx.device``, ``ctx.process_index``, ...). Module
+        initialization here may draw from the global torch RNG: the trainer seeds it from ``train.seed``
+        (the same on every process, so every process builds equal modules) and restores it afterwards.
+        Do not draw from ``ctx.generator`` or ``ctx.rng`` here. The default builds nothing.
+        """
+        return None
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The trainable modules the method owns, by name (an identifier: the checkpoint keys are
+        ``<name>.<state-dict key>``); the same objects on every call. Default: none."""
+        return {}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers the method owns (over parameters of :meth:`modules`), by name; their states are
+        checkpointed and restored. Default: none."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
+        """Plain state carried across steps (tensors, numbers, lists, dicts: ``torch.load(weights_only=True)``
+        must read it back); saved in every checkpoint's ``state.pt``."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` on resume (after :meth:`modules` and :meth:`optimizers` are restored)."""
         return None

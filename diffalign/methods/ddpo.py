@@ -28,10 +28,11 @@ import torch
 
 from diffalign.errors import DiffalignError
 from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
-from diffalign.sampling import ddim_step, sample_trajectory
+from diffalign.methods.registry import MethodEntry, register_method
+from diffalign.sampling import denoise_step, make_sampler, sample_trajectory
 
 if TYPE_CHECKING:
-    from diffalign.config import SampleConfig, TrainConfig
+    from diffalign.config import DiffalignConfig, SampleConfig, TrainConfig
 
 
 @dataclass
@@ -167,13 +168,14 @@ class DDPO(Method):
 
     def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
         # 1. rollouts under theta_old
+        sampler = make_sampler(ctx.scheduler)  # the same step rule samples and rescores (spec §2.5)
         lat, logps, prompts, parts_all, combined, everyone, gathered = [], [], [], [], [], [], []
         images = None
         with torch.no_grad():
             for batch in batches:
                 traj = sample_trajectory(
                     ctx.denoiser(batch.local),
-                    ctx.scheduler,
+                    sampler,
                     ctx.initial_latents(len(batch.local)),
                     eta=self.sample.eta,
                     generator=ctx.generator,
@@ -188,7 +190,7 @@ class DDPO(Method):
                 everyone += batch.everyone
                 gathered.append(ctx.gather(r).cpu())
         latents, log_probs = torch.cat(lat), torch.cat(logps)
-        timesteps = ctx.scheduler.timesteps
+        timesteps = sampler.timesteps
         # 2. advantages over all processes' samples, then this process's share (same order as everyone)
         adv_all, per_prompt = self.advantages(ctx.prompt_keys(everyone), torch.cat(gathered))
         n_local = len(batches[0].local)
@@ -217,7 +219,7 @@ class DDPO(Method):
                     ks = step_perm[idx, j]
                     x_t, x_prev = latents[idx, ks], latents[idx, ks + 1]
                     t = timesteps[ks]
-                    out = ddim_step(ctx.scheduler, denoise(x_t, t), t, x_t, eta=self.sample.eta, prev_sample=x_prev)
+                    out = denoise_step(denoise, sampler, x_t, t, self.sample.eta, prev_sample=x_prev)
                     loss, st = ppo_clip_loss(out.log_prob, log_probs[idx, ks], adv[idx], self.cfg.clip_range)
                     ctx.backward(loss / (n_train * accum))
                     losses.append(float(loss.detach()))
@@ -246,3 +248,31 @@ class DDPO(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "tracker" in state:
             self.tracker.load_state_dict(state["tracker"])
+
+
+# ---------------------------------------------------------------------------------------- registry
+def validate_ddpo(cfg: DiffalignConfig) -> None:
+    """DDPO: eta > 0, whole minibatches and whole updates per inner epoch, log-probs with the sampling guidance."""
+    s, d, accum = cfg.sample, cfg.method_config, cfg.train.gradient_accumulation_steps
+    if s.eta <= 0:
+        raise DiffalignError("ddpo needs sample.eta > 0 (log-probs are undefined for eta = 0); set sample.eta=1.0")
+    per_step = s.batch_size * s.num_batches
+    if per_step % d.train_batch_size:
+        raise DiffalignError(
+            f"ddpo: samples per step per process (sample.batch_size x sample.num_batches = {per_step}) must be "
+            f"divisible by ddpo.train_batch_size ({d.train_batch_size})"
+        )
+    minibatches = per_step // d.train_batch_size
+    if minibatches % accum:
+        raise DiffalignError(
+            f"ddpo: {minibatches} minibatches per inner epoch is not divisible by "
+            f"train.gradient_accumulation_steps ({accum}); an update would be lost"
+        )
+    if not d.cfg and s.guidance_scale != 1.0:
+        raise DiffalignError(
+            "ddpo.cfg=false recomputes log-probs without the guidance used for sampling, so ratios are not 1 "
+            "at theta_old; set ddpo.cfg=true or sample.guidance_scale=1"
+        )
+
+
+register_method(MethodEntry("ddpo", DDPO, DDPOConfig, "ddpo", False, validate_ddpo))

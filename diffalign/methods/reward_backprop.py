@@ -28,10 +28,11 @@ import torch
 
 from diffalign.errors import DiffalignError
 from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
-from diffalign.sampling import ddim_step, draw_truncation, sample_differentiable
+from diffalign.methods.registry import MethodEntry, register_method
+from diffalign.sampling import denoise_step, draw_truncation, sample_differentiable
 
 if TYPE_CHECKING:
-    from diffalign.config import SampleConfig, TrainConfig
+    from diffalign.config import DiffalignConfig, SampleConfig, TrainConfig
 
 LossForm = Literal["neg", "abs_target", "hinge"]
 
@@ -248,17 +249,12 @@ class DraftLV(RewardBackprop):
         x_t1 = renoise(x0, a, noises)
         many = [p for _ in range(n) for p in prompts]
         denoise = ctx.denoiser(many)
-        inp = ctx.scheduler.scale_model_input(x_t1, t1)
-        if ctx.checkpointing:
-            from torch.utils.checkpoint import checkpoint
-
-            out = checkpoint(denoise, inp, t1, use_reentrant=False)
-        else:
-            out = denoise(inp, t1)
-        noise = None
+        noise = None  # the step noise, drawn in x_t1's dtype (the network never draws from ctx.generator)
         if self.sample.eta > 0:
             noise = randn_tensor(x_t1.shape, generator=ctx.generator, device=x_t1.device, dtype=x_t1.dtype)
-        step = ddim_step(ctx.scheduler, out, t1, x_t1, eta=self.sample.eta, noise=noise)
+        step = denoise_step(
+            denoise, ctx.scheduler, x_t1, t1, self.sample.eta, noise=noise, checkpoint=ctx.checkpointing
+        )
         return ctx.decode(step.prev_sample, differentiable=True), many, {"n_lv": float(n)}
 
 
@@ -279,3 +275,37 @@ class ReFL(RewardBackprop):
         j = self.draw_step(ctx.rng)
         _, x0_hat = self._sample(ctx, prompts, grad_from=j, stop_at=j + 1)
         return ctx.decode(x0_hat, differentiable=True), prompts, {"refl_step": float(j)}
+
+
+# ---------------------------------------------------------------------------------------- registry
+def validate_reward_backprop(cfg: DiffalignConfig) -> None:
+    """Checks every reward-backprop method shares: one sampling batch per micro-batch."""
+    if cfg.sample.num_batches != 1:
+        raise DiffalignError(
+            f"sample.num_batches is for ddpo; {cfg.train.method} takes train.gradient_accumulation_steps micro-batches "
+            "per update: set sample.num_batches=1"
+        )
+
+
+def validate_alignprop(cfg: DiffalignConfig) -> None:
+    """AlignProp: a fixed truncation within the sampler's steps; random truncation needs two steps."""
+    validate_reward_backprop(cfg)
+    c, steps = cfg.method_config, cfg.sample.steps
+    if c.truncation == "fixed" and c.k > steps:
+        raise DiffalignError(f"alignprop.k={c.k} exceeds sample.steps={steps}; lower alignprop.k")
+    if c.truncation in ("uniform", "gaussian") and steps < 2:
+        raise DiffalignError("alignprop's random truncation needs sample.steps >= 2; use alignprop.truncation=fixed")
+
+
+def validate_draft_k(cfg: DiffalignConfig) -> None:
+    """DRaFT-K: K within the sampler's steps."""
+    validate_reward_backprop(cfg)
+    k, steps = cfg.method_config.k, cfg.sample.steps
+    if k > steps:
+        raise DiffalignError(f"draft.k={k} exceeds sample.steps={steps}; lower draft.k")
+
+
+register_method(MethodEntry("alignprop", AlignProp, AlignPropConfig, "alignprop", True, validate_alignprop))
+register_method(MethodEntry("draft_k", DraftK, DraftConfig, "draft", True, validate_draft_k))
+register_method(MethodEntry("draft_lv", DraftLV, DraftConfig, "draft", True, validate_reward_backprop))
+register_method(MethodEntry("refl", ReFL, ReFLConfig, "refl", True, validate_reward_backprop))
