@@ -6,7 +6,12 @@
     lora/              the same adapter in diffusers format (usable directly: pipe.load_lora_weights)
     state.pt           step, optimizer, LR scheduler, grad scaler, prompt-stream position, method state
                        (e.g. DDPO's stat tracker), evaluator state, and the line counts of metrics.jsonl
-                       and eval.jsonl at this step (resume truncates both files to them)
+                       and eval.jsonl at this step (resume truncates both files to them); also the
+                       states of the optimizers a method owns (``method_optimizers``) and the dataset
+                       stream's position (``data``) of a method that trains from a dataset
+    method_modules.safetensors
+                       only when the method owns trainable modules (``Method.modules()``): every
+                       module's state dict as ``<module>.<key>`` (exact values, the modules' dtypes)
     rng_<rank>.pt      per process: python, numpy, torch CPU (and CUDA) RNG states and the states of
                        every generator the trainer owns
     meta.json          step, number of processes, LoRA rank; written last
@@ -60,6 +65,7 @@ STATE_KEYS = (
     "eval_lines",
 )
 RNG_KEYS = ("python", "numpy", "torch", "cuda", "owned")
+MODULES_FILE = "method_modules.safetensors"  # the state dicts of the modules a method owns
 
 
 # -------------------------------------------------------------------------------------------- RNG
@@ -220,6 +226,57 @@ class Loaded:
     state: dict[str, Any]
     lora: dict[str, torch.Tensor]
     rng: dict[str, Any]
+    modules: dict[str, torch.Tensor] | None = None  # method_modules.safetensors, when it was asked for
+
+
+# ----------------------------------------------------------------------------------- method modules
+def module_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every owned module's state dict (parameters and buffers) as one flat ``<module>.<key>`` mapping.
+
+    The values are detached CPU copies (never views of the live tensors, and never sharing memory,
+    which safetensors refuses), in the modules' own dtypes: saved and loaded back they are equal bit
+    for bit.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            out[f"{name}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def load_module_tensors(modules: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Copy ``tensors`` (from :func:`module_tensors`) into ``modules``, exactly; ``file`` names their source.
+
+    A missing or extra key, a shape or a dtype that differs (another method, other options of it) is a
+    one-line :class:`DiffalignError` naming ``file``; nothing is changed then.
+    """
+    fix = "resume with the config of the run that wrote it, or start a new run in another --output-dir"
+    grouped: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
+    for key, value in tensors.items():
+        name, _, rest = key.partition(".")
+        if name not in grouped or not rest:
+            raise DiffalignError(
+                f"checkpoint file {file} holds {key!r}, which is no module of this method "
+                f"(it owns: {', '.join(modules) or 'none'}); {fix}"
+            )
+        grouped[name][rest] = value
+    for name, module in modules.items():
+        mine, theirs = module.state_dict(), grouped[name]
+        if set(mine) != set(theirs):
+            missing = sorted(set(mine) - set(theirs)) or sorted(set(theirs) - set(mine))
+            raise DiffalignError(
+                f"checkpoint file {file} does not hold the module {name!r} of this method (keys differ: "
+                f"{name}.{missing[0]}); {fix}"
+            )
+        for key, value in mine.items():
+            if value.shape != theirs[key].shape or value.dtype != theirs[key].dtype:
+                raise DiffalignError(
+                    f"checkpoint file {file} holds {name}.{key} as {theirs[key].dtype} {tuple(theirs[key].shape)}, "
+                    f"this method has {value.dtype} {tuple(value.shape)}; {fix}"
+                )
+    with torch.no_grad():
+        for name, module in modules.items():
+            module.load_state_dict(grouped[name], strict=True)
 
 
 def _steps_in(root: Path) -> list[tuple[int, Path]]:
@@ -309,8 +366,11 @@ class Checkpointer:
         lora: dict[str, torch.Tensor],
         rng: dict[str, Any],
         write_extra: Callable[[Path], None] | None = None,
+        modules: dict[str, torch.Tensor] | None = None,
     ) -> Path:
         """Write checkpoint ``step`` atomically; every process calls this (each saves its own RNG).
+
+        ``modules`` (:func:`module_tensors` of the modules a method owns) go to ``method_modules.safetensors``.
 
         A failed write (disk full, permissions, read-only file system) removes the temporary
         directory, leaves the earlier checkpoints untouched and raises :class:`DiffalignError` on
@@ -327,7 +387,7 @@ class Checkpointer:
         error = self._attempt(lambda: self._write_rng(step, tmp, rng))
         self._check_saved(step, tmp, error)
         if main:
-            error = self._attempt(lambda: self._write_main(step, tmp, final, state, lora, write_extra))
+            error = self._attempt(lambda: self._write_main(step, tmp, final, state, lora, write_extra, modules))
         self._check_saved(step, tmp, error)
         if main:
             error = self._attempt(lambda: self._prune(final))
@@ -388,11 +448,14 @@ class Checkpointer:
         state: dict[str, Any],
         lora: dict[str, torch.Tensor],
         write_extra: Callable[[Path], None] | None,
+        modules: dict[str, torch.Tensor] | None = None,
     ) -> None:
         from safetensors.torch import save
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in lora.items()}
         _write_bytes(tmp / "lora.safetensors", save(tensors), step)
+        if modules is not None:
+            _write_bytes(tmp / MODULES_FILE, save(modules), step)
         _write_bytes(tmp / "state.pt", _torch_bytes(state), step)
         _hook(step)
         if write_extra is not None:
@@ -410,22 +473,23 @@ class Checkpointer:
             self._discard(old)
 
     # ------------------------------------------------------------------ loading
-    def load(self, path: Path) -> Loaded:
+    def load(self, path: Path, modules: bool = False) -> Loaded:
         """Read checkpoint ``path`` for this process; one-line errors name a damaged file and the way out.
 
-        Every process reads; if any fails, all raise (no process is left waiting at a barrier).
-        Nothing is removed.
+        ``modules``: also read ``method_modules.safetensors`` (the method owns modules), into
+        :attr:`Loaded.modules`. Every process reads; if any fails, all raise (no process is left
+        waiting at a barrier). Nothing is removed.
         """
         loaded, error = None, None
         try:
-            loaded = self._read(path)
+            loaded = self._read(path, modules)
         except DiffalignError as err:
             error = err
         self.raise_if_any(error, f"another process could not read checkpoint {path} (see its error)")
         assert loaded is not None
         return loaded
 
-    def _read(self, path: Path) -> Loaded:
+    def _read(self, path: Path, modules: bool = False) -> Loaded:
         meta = self._read_file(path, "meta.json", _read_json)
         if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("step", "num_processes")):
             raise self._damaged(path, "meta.json", "not a checkpoint's meta.json (no step or num_processes)")
@@ -445,7 +509,8 @@ class Checkpointer:
         if not _looks_like_rng(rng):
             raise self._damaged(path, rng_name, "not a diffalign RNG state")
         lora = self._read_file(path, "lora.safetensors", _read_safetensors)
-        return Loaded(path, int(meta["step"]), state, lora, rng)
+        owned = self._read_file(path, MODULES_FILE, _read_safetensors) if modules else None
+        return Loaded(path, int(meta["step"]), state, lora, rng, owned)
 
     def _read_file(self, path: Path, name: str, read: Callable[[Path], Any]) -> Any:
         """``read(path / name)``, with any failure (missing, empty, corrupt, truncated) as one line."""

@@ -3,7 +3,7 @@
     diffalign sample --model assets/shapes-sd --prompt "a red circle" --n 8 --out outputs/samples
     diffalign score  --reward shapes_gold --images outputs/samples --prompts outputs/samples/prompts.jsonl --out scores.csv
     diffalign reno   --model assets/shapes-sd --prompt "two blue squares" --reward shapes_clip --out outputs/reno
-    diffalign train  --config configs/shapes/draft_k.yaml        (alignprop, draft_k, draft_lv, refl, ddpo)
+    diffalign train  --config configs/shapes/draft_k.yaml        (the methods: diffalign train --help)
 
 Errors the user can fix (a wrong path, an unknown reward, a bad option) print one line and exit 2.
 """

@@ -2,7 +2,8 @@
 
     cfg = DiffalignConfig.from_yaml("configs/shapes/alignprop.yaml", overrides=["train.lr=1e-3"])
 
-Sections: ``model``, ``sample``, ``train``, ``reward``, ``prompts``, ``eval``, ``checkpoint``, ``log``,
+Sections: ``model``, ``sample``, ``train``, ``reward``, ``prompts``, ``data`` (a dataset on disk, for methods
+that train from one), ``eval``, ``checkpoint``, ``log``,
 and one per registered method section (the built-ins' ``alignprop``, ``draft``, ``refl``, ``ddpo``):
 method sections are not fields here but come from the method registry
 (:mod:`diffalign.methods.registry`); the YAML keeps them as top-level keys, the object holds them in
@@ -135,6 +136,20 @@ class PromptConfig:
 
 
 @dataclass
+class DataConfig:
+    """A dataset on disk for methods that train from records (``uses_dataset``; :mod:`diffalign.datasets`)."""
+
+    train: str | None = None  # JSONL file, one record per line (prompt, image paths relative to it, labels)
+    shuffle: bool = True  # a new permutation every epoch, seeded by train.seed and the epoch (false: file order)
+    image_size: int = 0  # resize the shorter side to this and center-crop a square (0 = as stored)
+    check_images: bool = True  # open every image's header when the dataset is read (missing files: always)
+
+    def __post_init__(self) -> None:
+        if self.image_size < 0:
+            raise DiffalignError(f"data.image_size must be >= 0 (0 = as stored), got {self.image_size}")
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation with fixed seeds (also at step 0 and at the end), gold and the hacking guardrail."""
 
@@ -199,6 +214,7 @@ class DiffalignConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -431,6 +447,16 @@ def resolve_config_paths(
                 raise DiffalignError(f"prompts.{key}: {missing_path_message(path, 'prompt file', base, hint)}")
             prompts[key] = prefix + found if found != path else value
 
+    data = out.get("data")
+    if isinstance(data, dict) and isinstance(data.get("train"), str) and "data.train" not in skip:
+        path = data["train"].strip()
+        if path and not Path(path).expanduser().is_absolute():
+            found = _found(path, base)
+            if found is None:
+                hint = "give a JSONL file (one record per line, docs/training.md)"
+                raise DiffalignError(f"data.train: {missing_path_message(path, 'dataset file', base, hint)}")
+            data["train"] = found
+
     for section, key in (("reward", "rewards"), ("eval", "rewards")):
         node = out.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), list) and f"{section}.{key}" not in skip:
@@ -459,6 +485,7 @@ def validate(cfg: DiffalignConfig) -> None:
         require_differentiable(specs, method)
     if entry.validate is not None:
         entry.validate(cfg)
+    _validate_data(cfg, entry.cls)
     if cfg.train.mixed_precision == "fp16" and cfg.model.device == "cpu":
         raise DiffalignError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
     load_prompts(cfg.prompts.train, "prompts.train")
@@ -471,6 +498,35 @@ def validate(cfg: DiffalignConfig) -> None:
             raise DiffalignError(
                 f"eval.gold=on needs shapes captions as eval prompts, but {bad!r} is not one; set eval.gold=auto or off"
             )
+
+
+def _validate_data(cfg: DiffalignConfig, method_cls: type) -> None:
+    """``data.train`` is given exactly for a method that trains from a dataset, and is a file.
+
+    The records themselves are read and checked by the trainer (:class:`diffalign.datasets.JsonlDataset`),
+    still before any model loads.
+    """
+    from diffalign.paths import missing_path_message
+
+    method, train = cfg.train.method, cfg.data.train
+    if getattr(method_cls, "uses_dataset", False):
+        if train is None or not train.strip():
+            raise DiffalignError(
+                f"method {method!r} trains from a dataset on disk: set data.train to a JSONL file (one record per "
+                "line, docs/training.md)"
+            )
+        path = Path(train).expanduser()
+        if path.is_dir():
+            raise DiffalignError(f"data.train: dataset {train!r} is a directory; give a JSONL file")
+        if not path.is_file():
+            raise DiffalignError(
+                f"data.train: {missing_path_message(train, 'dataset file', None, 'give a JSONL file')}"
+            )
+    elif train is not None:
+        raise DiffalignError(
+            f"data.train is set but method {method!r} samples its own images from prompts.train; drop data.train, "
+            "or choose a method that trains from a dataset"
+        )
 
 
 # ---------------------------------------------------------------------------------- type coercion

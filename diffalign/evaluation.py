@@ -85,7 +85,7 @@ class Evaluator:
         """
         out = []
         eta = self.sample.eta if self.cfg.eta is None else self.cfg.eta
-        sampler = make_sampler(ctx.scheduler)
+        sampler = make_sampler(getattr(ctx, "sampler", ctx.scheduler))
         for start in range(0, len(items), self.cfg.batch_size):
             chunk = items[start : start + self.cfg.batch_size]
             prompts = [self.prompts[i] for i, _ in chunk]

@@ -1,6 +1,7 @@
 """Shared on-policy rollouts: groups of samples per prompt, advantages, step subsampling, paired noise.
 
-Pure functions over tensors (no trainer, no model, no devices chosen here) that DDPO, GRPO, PRDP,
+Pure functions over tensors (no trainer, no model, no devices chosen here), plus the one rollout
+collector :func:`collect` over a :class:`~diffalign.methods.base.StepContext`, that DDPO, GRPO, PRDP,
 D3PO and Adv-GRPO stand on (DESIGN.md, "Shared on-policy rollouts"; spec ../shared/specs/algorithms.md
 §2, §4, §5.1, §6):
 
@@ -11,7 +12,11 @@ D3PO and Adv-GRPO stand on (DESIGN.md, "Shared on-policy rollouts"; spec ../shar
 - :func:`timestep_subsample` draws the trained steps of each trajectory (DDPO / Flow-GRPO
   ``timestep_fraction``), with one permutation shared by the two trajectories of a pair (D3PO, PRDP);
 - :func:`shared_noise_pairs` draws initial latents shared by the two samples of a pair (D3PO);
-- :class:`Trajectories` is what a rollout collects, with ``select`` for minibatches.
+- :class:`Trajectories` is what a rollout collects, with ``select`` for minibatches;
+- :func:`collect` samples one batch of trajectories under theta_old through the context (optionally
+  from shared initial noise for pairs), scores them and gathers the rewards and group ids
+  (:class:`Collected`); :func:`groups_on_one_process` and :func:`zero_std_fraction` check and
+  describe the gathered groups.
 
 Layout over processes. accelerate's ``gather`` concatenates per-process tensors in process order, so
 with P processes holding n samples each, rows ``p*n .. p*n+n-1`` of a gathered tensor belong to
@@ -22,9 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+from diffalign.sampling import Sampler, make_sampler, sample_trajectory
+
+if TYPE_CHECKING:
+    from diffalign.methods.base import StepContext
 
 Index = torch.Tensor | Sequence[int] | slice
 
@@ -85,22 +95,65 @@ def group_advantages(
 
 
 # --------------------------------------------------------------------------------- process layout
-def local_share(gathered: torch.Tensor, process_index: int, num_processes: int) -> torch.Tensor:
+def local_share(gathered: torch.Tensor, process_index: int, num_processes: int, batches: int = 1) -> torch.Tensor:
     """This process's rows of a tensor gathered over ``num_processes`` processes.
 
     accelerate's ``gather`` concatenates the per-process tensors (n rows each) along dim 0 in process
-    order, so process p owns rows ``[p*n, (p+1)*n)``. Raises ValueError when the row count does not
-    divide by ``num_processes`` or the index is out of range.
+    order, so process p owns rows ``[p*n, (p+1)*n)``. ``batches > 1``: ``gathered`` is the
+    concatenation of that many such gathers of equal size (one per sampling batch of a step, as
+    :meth:`Collected.cat` builds it); the result is this process's rows of each, concatenated in batch
+    order, i.e. the row order of the process's own concatenated samples. Raises ValueError when the
+    row count does not divide by ``batches * num_processes`` or the index is out of range.
     """
-    if num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if num_processes < 1 or batches < 1:
+        raise ValueError(f"num_processes and batches must be >= 1, got {num_processes} and {batches}")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} out of range for {num_processes} processes")
-    if gathered.ndim == 0 or gathered.shape[0] % num_processes:
+    if gathered.ndim == 0 or gathered.shape[0] % (num_processes * batches):
         size = tuple(gathered.shape)
-        raise ValueError(f"a gathered tensor of shape {size} does not split into {num_processes} equal shares")
-    n = gathered.shape[0] // num_processes
-    return gathered[process_index * n : (process_index + 1) * n]
+        raise ValueError(
+            f"a gathered tensor of shape {size} does not split into {batches} batch(es) of {num_processes} equal shares"
+        )
+    n = gathered.shape[0] // (num_processes * batches)
+    if batches == 1:
+        return gathered[process_index * n : (process_index + 1) * n]
+    per_batch = n * num_processes
+    return torch.cat(
+        [gathered[b * per_batch + process_index * n : b * per_batch + (process_index + 1) * n] for b in range(batches)]
+    )
+
+
+def groups_on_one_process(gathered_group_ids: torch.Tensor, num_processes: int, batches: int = 1) -> bool:
+    """Whether every group of a gathered id tensor lies within one process's rows (and one batch).
+
+    ``gathered_group_ids`` is laid out as :func:`local_share` describes (``batches`` gathers of
+    ``num_processes`` equal shares). True when no id occurs in two different (batch, process) shares:
+    GRPO's groups must never straddle processes (:func:`grouped_prompts`), so that every process can
+    sample a whole group with its own noise and the group's statistics need only the gathered rewards.
+    """
+    ids = gathered_group_ids.detach().cpu().long().reshape(-1)
+    if ids.numel() % (num_processes * batches):
+        raise ValueError(f"{ids.numel()} ids do not split into {batches} x {num_processes} equal shares")
+    shares = ids.reshape(batches * num_processes, -1)
+    owner: dict[int, int] = {}
+    for share, row in enumerate(shares.tolist()):
+        for gid in row:
+            if owner.setdefault(gid, share) != share:
+                return False
+    return True
+
+
+def zero_std_fraction(rewards: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """The fraction of groups whose rewards are all equal (zero variance: every advantage is exactly 0,
+    so the group gives no policy gradient; spec §6.1 "Advantages", Flow-GRPO drops such samples)."""
+    if rewards.numel() == 0:
+        return 0.0
+    r = rewards.detach().double().cpu().reshape(-1)
+    _, inverse = torch.unique(group_ids.detach().cpu().reshape(-1), return_inverse=True)
+    num_groups = int(inverse.max()) + 1
+    lo = torch.full((num_groups,), float("inf"), dtype=r.dtype).scatter_reduce_(0, inverse, r, reduce="amin")
+    hi = torch.full((num_groups,), float("-inf"), dtype=r.dtype).scatter_reduce_(0, inverse, r, reduce="amax")
+    return float((lo == hi).double().mean())
 
 
 def grouped_prompts(
@@ -316,3 +369,102 @@ class Trajectories:
             else:
                 out[f.name] = torch.cat(values)
         return cls(**out)
+
+
+# ---------------------------------------------------------------------------------- collection
+@dataclass
+class Collected:
+    """One rollout of a step (or several, concatenated): this process's trajectories and the gathered values.
+
+    trajectories        this process's N samples (:class:`Trajectories` with ``rewards`` and ``reward`` set)
+    gathered_reward     [P*N] combined reward of all processes' samples (CPU), process order per batch
+    gathered_group_ids  [P*N] the group id of each of them (CPU), same layout
+    images              [N, 3, H, W] this process's decoded images in [0, 1]
+    batches             how many sampling batches were concatenated (the layout of the gathered
+                        tensors, see :func:`local_share`)
+    """
+
+    trajectories: Trajectories
+    gathered_reward: torch.Tensor
+    gathered_group_ids: torch.Tensor
+    images: torch.Tensor
+    batches: int = 1
+
+    @property
+    def num_processes(self) -> int:
+        """P: the gathered rows per local row."""
+        return self.gathered_reward.shape[0] // max(len(self.trajectories), 1)
+
+    def local(self, gathered: torch.Tensor, process_index: int) -> torch.Tensor:
+        """This process's rows of a tensor laid out like :attr:`gathered_reward` (e.g. advantages)."""
+        return local_share(gathered, process_index, self.num_processes, self.batches)
+
+    @classmethod
+    def cat(cls, parts: Sequence[Collected]) -> Collected:
+        """Concatenate the sampling batches of one step (equal sizes): trajectories and images along the
+        sample axis, the gathered tensors batch after batch (each in process order)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        if len({len(p.trajectories) for p in parts}) != 1 or len({p.gathered_reward.shape for p in parts}) != 1:
+            raise ValueError("sampling batches of one step must have equal sizes")
+        return cls(
+            trajectories=Trajectories.cat([p.trajectories for p in parts]),
+            gathered_reward=torch.cat([p.gathered_reward for p in parts]),
+            gathered_group_ids=torch.cat([p.gathered_group_ids for p in parts]),
+            images=torch.cat([p.images for p in parts]),
+            batches=sum(p.batches for p in parts),
+        )
+
+
+def collect(
+    ctx: StepContext,
+    prompts: list[str],
+    group_ids: Sequence[int] | torch.Tensor,
+    eta: float,
+    *,
+    pairs: bool = False,
+    sampler: Sampler | None = None,
+) -> Collected:
+    """Sample one batch of trajectories under theta_old and score them (spec §1.5, §2.3; no gradient).
+
+    For this process's ``prompts`` (one per sample: a prompt repeated G times forms a group, see
+    :func:`grouped_prompts`), in this order: ``ctx.denoiser(prompts)``, the initial latents
+    ``ctx.initial_latents`` (with ``pairs=True``: N/2 draws, each used by the two consecutive samples
+    2k, 2k+1 of a pair, which then differ only by their per-step noise, as D3PO samples pairs; spec
+    §5.1), the chain :func:`~diffalign.sampling.sample_trajectory` with ``eta`` and ``ctx.generator``
+    (latents x_T..x_0 and log pi_old per step, DDIM Eq. 12 / spec §1.2), ``ctx.decode`` of x_0,
+    ``ctx.rewards`` (combined and per reward), then ``ctx.gather`` of the combined rewards and of the
+    group ids (every process must call this collectively, with the same N).
+
+    ``sampler`` defaults to ``ctx.sampler`` (the step rule that also rescores, spec §2.5). Prompt keys
+    are ``ctx.prompt_keys(prompts)``. Returns a :class:`Collected` of this one batch.
+    """
+    n = len(prompts)
+    ids = torch.as_tensor(group_ids, dtype=torch.long).reshape(-1).cpu()
+    if ids.shape != (n,):
+        raise ValueError(f"need one group id per prompt: {n} prompts, {ids.numel()} ids")
+    if pairs and n % 2:
+        raise ValueError(f"pairs=True needs an even number of samples, got {n}")
+    sampler = make_sampler(sampler if sampler is not None else getattr(ctx, "sampler", ctx.scheduler))
+    with torch.no_grad():
+        denoise = ctx.denoiser(prompts)
+        if pairs:
+            x_T = ctx.initial_latents(n // 2).repeat_interleave(2, dim=0)
+        else:
+            x_T = ctx.initial_latents(n)
+        traj = sample_trajectory(denoise, sampler, x_T, eta=eta, generator=ctx.generator)
+        images = ctx.decode(traj.final)
+        reward, parts = ctx.rewards(images, prompts)
+        gathered_reward = ctx.gather(reward).cpu()
+        gathered_ids = ctx.gather(ids.to(reward.device)).cpu()
+    trajectories = Trajectories(
+        latents=traj.latents,
+        log_probs=traj.log_probs,
+        timesteps=traj.timesteps,
+        prompts=list(prompts),
+        prompt_keys=list(ctx.prompt_keys(prompts)),
+        group_ids=ids,
+        rewards=dict(parts),
+        reward=reward,
+    )
+    return Collected(trajectories, gathered_reward, gathered_ids, images)

@@ -15,6 +15,14 @@ its micro-batches, then updates.
 
 Resume is exact on CPU: a resumed run writes the same ``metrics.jsonl`` and ``eval.jsonl`` as an
 uninterrupted one, except for the wall-clock values, which live under the ``time`` key of each record.
+
+A method may own trainable modules and their optimizers (``Method.configure`` / ``modules`` /
+``optimizers``): the trainer builds them once after the pipeline loads (global torch RNG seeded from
+``train.seed``, then restored), moves them to the device, checkpoints their values
+(``method_modules.safetensors``) and optimizer states (``state.pt``) and restores them on resume; the
+method averages their gradients over processes with ``ctx.sync_gradients``. A method with
+``uses_dataset`` draws :class:`~diffalign.datasets.DatasetBatch` es from ``data.train`` instead of
+prompt batches (:meth:`Trainer._draw`), the stream's position checkpointed.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +41,12 @@ import numpy as np
 import torch
 
 from diffalign.checkpoint import (
+    MODULES_FILE,
     Checkpointer,
     capture_rng,
     is_write_failure,
+    load_module_tensors,
+    module_tensors,
     one_line,
     restore_rng,
     truncate_jsonl,
@@ -47,17 +58,37 @@ from diffalign.errors import DiffalignError
 from diffalign.methods import PromptBatch, StepResult, build_method
 from diffalign.prompts import PromptSampler, eval_prompts, load_prompts, non_shapes_prompt
 from diffalign.runinfo import append_run_info
+from diffalign.sampling import make_sampler
 
 DTYPE_BY_PRECISION = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # What a run directory holds: these must be directories, those files (when they exist).
 RUN_DIRS = ("checkpoints", "samples", "lora", "logs")
-RUN_FILES = ("metrics.jsonl", "eval.jsonl", "config.yaml")
+RUN_FILES = ("metrics.jsonl", "eval.jsonl", "config.yaml", MODULES_FILE)
 
 
 def process_seeds(seed: int, process_index: int) -> tuple[int, int]:
     """Two independent seeds (torch generator, python Random) for one process of a run."""
     a, b = np.random.SeedSequence([seed, process_index]).generate_state(2)
     return int(a), int(b)
+
+
+def method_init_seed(seed: int) -> int:
+    """The seed of the global torch RNG while a method builds its modules (the same on every process)."""
+    return int(np.random.SeedSequence([seed, 0x6D6F64756C6573]).generate_state(1)[0])
+
+
+def average_gradients(acc: Any, params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over the processes of ``acc`` with one all-reduce of their
+    concatenation (a parameter without a gradient counts as zeros and gets the average); no-op alone."""
+    if acc.num_processes == 1 or not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = acc.reduce(flat, reduction="mean")
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
 
 
 def reward_keys(specs: list[Any]) -> list[str]:
@@ -75,6 +106,7 @@ class Rollout:
         self.sample = t.cfg.sample
         self.scheduler = t.pipe.scheduler
         self.scheduler.set_timesteps(self.sample.steps)
+        self.sampler = make_sampler(self.scheduler)  # an unsupported scheduler fails here, in one line
         self.generator, self.rng = t.generator, t.rng
         self.checkpointing = t.cfg.model.gradient_checkpointing
         self.step = 0
@@ -130,6 +162,47 @@ class Rollout:
         ids = tok(prompts, truncation=True, max_length=tok.model_max_length).input_ids
         return tok.batch_decode(ids, skip_special_tokens=True)
 
+    # ----------------------------------------------------------------------- reference
+    @staticmethod
+    @contextlib.contextmanager
+    def adapters_disabled(pipe: Any) -> Iterator[None]:
+        """The pipeline's base model: every peft LoRA layer of the UNet and the text encoders disabled.
+
+        peft's ``BaseTunerLayer.enable_adapters(False)`` on each LoRA layer (what diffusers'
+        ``unet.disable_adapters()`` does for the UNet; text encoders carry layers injected with peft's
+        ``inject_adapter_in_model``), so the layers compute ``base_layer(x)`` only. On exit, also after
+        an exception, every layer gets back its previous state (a layer that was disabled before stays
+        disabled, so contexts nest) and every adapter parameter its previous ``requires_grad`` (peft
+        toggles that flag too). No weights are copied or changed.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        models = [pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)]
+        layers = [m for model in models if model is not None for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        was_disabled = [bool(layer.disable_adapters) for layer in layers]
+        grads = [
+            (p, p.requires_grad)
+            for layer in layers
+            for name in layer.adapter_layer_names
+            for p in getattr(layer, name).parameters()
+        ]
+        try:
+            for layer in layers:
+                layer.enable_adapters(False)
+            yield
+        finally:
+            for layer, disabled in zip(layers, was_disabled, strict=True):
+                layer.enable_adapters(not disabled)
+            for p, flag in grads:
+                p.requires_grad_(flag)
+
+    def reference(self) -> contextlib.AbstractContextManager[None]:
+        """The reference policy pi_ref = the same UNet (and text encoders) with the LoRA disabled, as a
+        context manager (spec §0 theta_ref; Flow-GRPO's ``disable_adapter()``): denoisers built and called
+        inside it are the base model's; the adapters are enabled again on exit, also after an exception.
+        No second copy of the UNet is kept."""
+        return self.adapters_disabled(self.pipe)
+
     # ------------------------------------------------------------------------- rewards
     def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Combined reward and per-reward values (no cross-process check: for evaluation)."""
@@ -155,16 +228,15 @@ class Rollout:
         self.acc.backward(loss)
 
     def _sync_grads(self) -> None:
-        params = self.trainer.params
-        if self.num_processes == 1:
-            return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        flat = self.acc.reduce(flat, reduction="mean")
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
+        average_gradients(self.acc, self.trainer.params)
+
+    def sync_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Average the gradients of ``params`` over processes (one all-reduce; a no-op with one process).
+
+        For the modules a method owns, before it steps their optimizer (every process must call it with
+        the same parameters); the LoRA's gradients are averaged by :meth:`optimizer_step`.
+        """
+        average_gradients(self.acc, list(params))
 
     def optimizer_step(self) -> float:
         """All-reduce gradients, clip, AdamW step, LR schedule step; returns the pre-clip gradient norm."""
@@ -284,6 +356,8 @@ class Trainer:
                 f"diffalign trains LoRA adapters with data parallelism only, not {acc.distributed_type.value}: "
                 "launch with accelerate launch --multi_gpu (the frozen base is replicated, LoRA gradients all-reduced)"
             )
+        self.method = build_method(cfg)  # before any seeding: a method's constructor cannot shift the LoRA init
+        self.data = self._dataset()  # a dataset method's records, read and checked before any model loads
         seed = cfg.train.seed
         random.seed(seed)
         np.random.seed(seed)
@@ -298,7 +372,6 @@ class Trainer:
         )
         self.optimizer = acc.prepare(optimizer)
         base = self.optimizer.optimizer
-        self.method = build_method(cfg)
         if t.lr_schedule == "cosine":
             horizon = t.steps * self.method.updates_per_step()
             self.lr_scheduler = get_cosine_schedule_with_warmup(base, t.warmup_steps, horizon)
@@ -319,10 +392,54 @@ class Trainer:
         gold = cfg.eval.gold == "on" or (cfg.eval.gold == "auto" and non_shapes_prompt(ev_prompts) is None)
         self.evaluator = Evaluator(cfg.eval, cfg.sample, ev_prompts, heldout, gold)
         self.ctx = Rollout(self)
+        self._configure_method()
         self.ckpt = Checkpointer(self.out, cfg.checkpoint.keep, acc)
         self.updates, self.metrics_lines, self.eval_lines = 0, 0, 0
         if cfg.log.trackers:
             acc.init_trackers(cfg.log.project, config=cfg.flat())
+
+    def _dataset(self) -> Any:
+        """The :class:`~diffalign.datasets.DatasetStream` over ``data.train`` of a method with
+        ``uses_dataset`` (its records checked, the global batch no larger than the dataset); else None."""
+        if not self.method.uses_dataset:
+            return None
+        from diffalign.datasets import DatasetStream, JsonlDataset, check_batch_size
+
+        d = self.cfg.data
+        dataset = JsonlDataset(
+            d.train, self.method.dataset_images, self.method.dataset_labels, check_images=d.check_images
+        )
+        check_batch_size(dataset, self.cfg.sample.batch_size, self.acc.num_processes)
+        return DatasetStream(dataset, self.cfg.train.seed, d.shuffle, d.image_size)
+
+    def _configure_method(self) -> None:
+        """Let the method build the modules and optimizers it owns (once, before any resume); move the
+        modules to the device. The global torch RNG is seeded for it (equal modules on every process) and
+        restored afterwards, so a method with nothing to build changes nothing."""
+        method = self.method
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(method_init_seed(self.cfg.train.seed))
+            method.configure(self.ctx)
+        modules, optimizers = dict(method.modules()), dict(method.optimizers())
+        for name, module in modules.items():
+            if not (isinstance(name, str) and name.isidentifier()):
+                raise ValueError(f"method {method.name!r}: module names must be identifiers, got {name!r}")
+            if not isinstance(module, torch.nn.Module):
+                raise TypeError(
+                    f"method {method.name!r}: modules()[{name!r}] is a {type(module).__name__}, not a Module"
+                )
+            module.to(self.acc.device)  # in place: the optimizers keep their parameters
+        owned = {id(p) for m in modules.values() for p in m.parameters()}
+        for name, opt in optimizers.items():
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"method {method.name!r}: optimizers()[{name!r}] is a {type(opt).__name__}")
+            if any(id(p) not in owned for group in opt.param_groups for p in group["params"]):
+                raise ValueError(
+                    f"method {method.name!r}: optimizer {name!r} updates parameters outside modules(), whose values "
+                    "no checkpoint would hold; return their modules from modules()"
+                )
+        self.method_modules: dict[str, torch.nn.Module] = modules
+        self.method_optimizers: dict[str, torch.optim.Optimizer] = optimizers
 
     def named_lora(self) -> dict[str, torch.nn.Parameter]:
         from diffalign.pipelines import _text_encoders
@@ -346,6 +463,8 @@ class Trainer:
             "evaluator": self.evaluator.state_dict(),
             "metrics_lines": self.metrics_lines,
             "eval_lines": self.eval_lines,
+            "method_optimizers": {name: opt.state_dict() for name, opt in self.method_optimizers.items()},
+            "data": self.data.state_dict() if self.data is not None else None,
         }
 
     def _save(self, step: int) -> None:
@@ -357,6 +476,7 @@ class Trainer:
             {k: p.detach() for k, p in self.named_lora().items()},
             capture_rng(self._owned()),
             write_extra=lambda d: save_lora(self.pipe, d / "lora"),
+            modules=module_tensors(self.method_modules) if self.method_modules else None,
         )
 
     def _load_lora(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -399,8 +519,10 @@ class Trainer:
                         (self.out / name).write_text("")
             acc.wait_for_everyone()
             return 0
-        loaded = self.ckpt.load(path)  # one line naming the damaged file; nothing removed
+        loaded = self.ckpt.load(path, modules=bool(self.method_modules))  # one line naming a damaged file
         self._load_lora(path, loaded.lora)
+        if self.method_modules:
+            load_module_tensors(self.method_modules, loaded.modules or {}, path / MODULES_FILE)
         st = loaded.state
         try:
             self.optimizer.load_state_dict(st["optimizer"])
@@ -408,6 +530,7 @@ class Trainer:
             if self.acc.scaler is not None and st["scaler"] is not None:
                 self.acc.scaler.load_state_dict(st["scaler"])
             self.sampler.load_state_dict(st["sampler"])
+            self._load_method_state(path, st)
             self.method.load_state_dict(st["method"])
             self.evaluator.load_state_dict(st["evaluator"])
         except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as err:
@@ -430,6 +553,28 @@ class Trainer:
         self.ckpt.remove_after(loaded.step)
         restore_rng(loaded.rng, self._owned())  # last: nothing after this may draw random numbers before step 1
         return loaded.step
+
+    def _load_method_state(self, path: Path, st: dict[str, Any]) -> None:
+        """Restore the optimizers the method owns and the dataset position from ``state.pt`` (exactly)."""
+        fix = (
+            "resume with the config of the run that wrote it, or from an older checkpoint with "
+            "--resume OUT/checkpoints/step_N"
+        )
+        saved = st.get("method_optimizers") or {}
+        for name, opt in self.method_optimizers.items():
+            if name not in saved:
+                raise DiffalignError(
+                    f"checkpoint file {path / 'state.pt'} holds no state of the method's optimizer {name!r} (written "
+                    f"for another method or by an older diffalign); {fix}"
+                )
+            opt.load_state_dict(saved[name])
+        if self.data is not None:
+            if not isinstance(st.get("data"), dict):
+                raise DiffalignError(
+                    f"checkpoint file {path / 'state.pt'} holds no dataset position (written for a method without "
+                    f"data.train); {fix}"
+                )
+            self.data.load_state_dict(st["data"])
 
     # ---------------------------------------------------------------------- logging
     def _append(self, name: str, record: dict[str, Any]) -> None:
@@ -491,7 +636,11 @@ class Trainer:
                 save_grid(images[: ncol * 8], grid, ncol=ncol)
 
     def _draw(self) -> PromptBatch:
+        """The next batch of the step: this process's slice of the global batch (a
+        :class:`~diffalign.datasets.DatasetBatch` of records for a method that trains from ``data.train``)."""
         b, n, i = self.cfg.sample.batch_size, self.acc.num_processes, self.acc.process_index
+        if self.data is not None:
+            return self.data.next_batch(b, n, i)
         everyone = self.sampler.next(b * n)
         return PromptBatch(local=everyone[i * b : (i + 1) * b], everyone=everyone)
 
@@ -552,14 +701,27 @@ class Trainer:
             "before": self.out / "samples" / "eval_step_0.png",
             "after": self.out / "samples" / f"eval_step_{total}.png",
         }
+        if self.method_modules:
+            paths["method_modules"] = self.out / MODULES_FILE
         if main:
             with self._writing(f"the final LoRA {paths['lora']}"):
                 save_lora(self.pipe, paths["lora"])
+            if self.method_modules:
+                with self._writing(str(paths["method_modules"])):
+                    self._export_modules(paths["method_modules"])
             self._summary(paths)
         acc.wait_for_everyone()
         if cfg.log.trackers:
             acc.end_training()
         return paths
+
+    def _export_modules(self, path: Path) -> None:
+        """Write the final values of the method's modules (as in checkpoints) to ``path``, atomically."""
+        from safetensors.torch import save
+
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(save(module_tensors(self.method_modules)))
+        os.replace(tmp, path)
 
     def _summary(self, paths: dict[str, Path]) -> None:
         rows = [json.loads(x) for x in paths["eval"].read_text().splitlines() if x.strip()]
@@ -567,6 +729,8 @@ class Trainer:
         lines = [f"diffalign train: finished {self.cfg.train.steps} steps of {self.cfg.train.method}"]
         lines.append(f"  LoRA (diffusers format): {paths['lora']}   load: pipe.load_lora_weights('{paths['lora']}')")
         lines.append(f"  metrics: {paths['metrics']}")
+        if "method_modules" in paths:
+            lines.append(f"  the method's modules: {paths['method_modules']}  ({', '.join(self.method_modules)})")
         if first and last:
             key = "gold/accuracy" if "gold/accuracy" in last else "reward"
             lines.append(

@@ -56,7 +56,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["model.gradient_checkpointing=maybe"], "expects true or false, got maybe"),
         (
             ["train.method=alignprp"],
-            "must be one of alignprop, draft_k, draft_lv, refl, ddpo, got 'alignprp'; did you mean 'alignprop'?",
+            "must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, got 'alignprp'; did you mean 'alignprop'?",
         ),
         (["train=3"], "config key 'train' is a section"),
         (["train.lr"], "must be written section.key=value"),
@@ -122,7 +122,7 @@ def test_shipped_configs_load():
         if "shapes" in f.parts:
             assert cfg.model.pretrained == "assets/shapes-sd" and cfg.reward.rewards == ["shapes_clip"]
             assert cfg.eval.gold == "auto" and cfg.prompts.eval == "shapes:heldout"
-    assert methods == {"alignprop", "draft_k", "draft_lv", "refl", "ddpo"}
+    assert methods == {"alignprop", "draft_k", "draft_lv", "refl", "ddpo", "grpo"}
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("configs/*/*.yaml")), ids=str)

@@ -23,6 +23,7 @@ from diffalign.methods.registry import (
 # The built-in methods: importing a module registers its entries (reward backprop first, in table order).
 from diffalign.methods import reward_backprop as _reward_backprop  # noqa: F401  # isort: skip
 from diffalign.methods import ddpo as _ddpo  # noqa: F401  # isort: skip
+from diffalign.methods import grpo as _grpo  # noqa: F401  # isort: skip
 
 
 def method_class(name: str) -> type[Method]:

@@ -10,6 +10,8 @@ across steps (advantage statistics, ...) lives in ``state_dict()`` so that check
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,7 +19,7 @@ import torch
 
 if TYPE_CHECKING:
     from diffalign.config import SampleConfig, TrainConfig
-    from diffalign.sampling import Denoiser
+    from diffalign.sampling import Denoiser, Sampler
 
 
 @dataclass
@@ -25,7 +27,11 @@ class PromptBatch:
     """One sampling batch: this process's prompts and the whole batch over all processes.
 
     ``everyone`` is the concatenation of every process's ``local`` list in process order, i.e. the
-    order in which ``ctx.gather`` concatenates per-process tensors.
+    order in which ``ctx.gather`` concatenates per-process tensors: process p's ``local`` is the
+    contiguous slice ``everyone[p*b : (p+1)*b]`` (b = ``sample.batch_size``). The same prompt may occur
+    more than once. Methods that sample several images per prompt (GRPO: G per prompt) repeat each of
+    their ``local`` prompts G times on this process and name a group by the prompt's position in
+    ``everyone`` (:func:`diffalign.rollouts.grouped_prompts`), so a group never straddles processes.
     """
 
     local: list[str]
@@ -50,6 +56,7 @@ class StepContext(Protocol):
 
     sample: SampleConfig
     scheduler: Any  # DDIMScheduler with set_timesteps(sample.steps) done
+    sampler: Sampler  # the step rule over that scheduler (diffalign.sampling.make_sampler): DDIM today
     generator: torch.Generator  # CPU generator for sampler noise (owned and checkpointed by the trainer)
     rng: random.Random  # for truncation draws and permutations (owned and checkpointed by the trainer)
     checkpointing: bool  # wrap every UNet call with gradient in activation checkpointing
@@ -62,9 +69,19 @@ class StepContext(Protocol):
     def optimizer_step(self) -> float: ...
     def gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def prompt_keys(self, prompts: list[str]) -> list[str]: ...
+    def sync_gradients(self, params: Iterable[torch.nn.Parameter]) -> None: ...
+    def reference(self) -> AbstractContextManager[None]:
+        """The reference policy: a context manager inside which the denoisers built and called are the
+        base model's (the same UNet and text encoders with the LoRA disabled, no second copy); the LoRA
+        is enabled again on exit, also after an exception. GRPO's KL term (spec §6.1)."""
+        ...
 
     @property
     def process_index(self) -> int: ...
+    @property
+    def num_processes(self) -> int: ...
+    @property
+    def device(self) -> torch.device: ...
 
 
 class Method:
@@ -75,7 +92,7 @@ class Method:
     ``needs_differentiable_reward`` is the default of the entry's flag, which the config checks
     against the training rewards before any model loads.
 
-    **State the method owns** (docs/training.md, "Methods with their own modules and data"):
+    **State the method owns** (docs/training.md, "Methods with their own modules and optimizers"):
 
     - trainable modules (a discriminator, a value head): built in :meth:`configure`, returned by
       :meth:`modules`; the trainer moves them to its device, saves their state dicts in every checkpoint

@@ -15,12 +15,17 @@ Training recomputes log-probs of the stored ``x_{t-1}`` with the same guidance a
 trajectory gets its own random permutation of the step axis and the first
 ``int(T * timestep_fraction)`` steps of it are trained; one backward per step index, one optimizer
 update every ``train.gradient_accumulation_steps`` minibatches.
+
+A step is three separately testable parts: :meth:`DDPO.collect` (the shared on-policy rollouts of
+:func:`diffalign.rollouts.collect`), :meth:`DDPO.local_advantages` (the stat tracker over every
+process's rewards, then this process's share) and :meth:`DDPO.ppo_epochs`.
 """
 
 from __future__ import annotations
 
+import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +34,8 @@ import torch
 from diffalign.errors import DiffalignError
 from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
 from diffalign.methods.registry import MethodEntry, register_method
-from diffalign.sampling import denoise_step, make_sampler, sample_trajectory
+from diffalign.rollouts import Collected, Trajectories, collect
+from diffalign.sampling import Sampler, denoise_step, make_sampler
 
 if TYPE_CHECKING:
     from diffalign.config import DiffalignConfig, SampleConfig, TrainConfig
@@ -139,9 +145,37 @@ class PerPromptStatTracker:
         self.stats = {k: deque(v, maxlen=self.buffer_size) for k, v in state["stats"].items()}
 
 
+def ppo_permutations(rng: random.Random, n: int, num_steps: int) -> tuple[list[int], torch.Tensor]:
+    """One inner epoch's shuffles, drawn from ``rng`` (ddpo-pytorch ``train.py``, spec §2.2):
+    the order of the n trajectories, then an independent permutation of the step axis of each
+    trajectory ([n, T] long; the first ``int(T * timestep_fraction)`` columns are trained)."""
+    order = list(range(n))
+    rng.shuffle(order)
+    perms = []
+    for _ in range(n):
+        p = list(range(num_steps))
+        rng.shuffle(p)
+        perms.append(p)
+    return order, torch.tensor(perms)
+
+
+@dataclass
+class PPOStats:
+    """What the PPO passes of one step did: per-backward losses and diagnostics, per-update norms."""
+
+    losses: list[float] = field(default_factory=list)
+    approx_kls: list[float] = field(default_factory=list)
+    clipfracs: list[float] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+
+
 # ------------------------------------------------------------------------------------------ method
 class DDPO(Method):
-    """DDPO_IS with the trainer's rollout helpers; holds the per-prompt stat tracker."""
+    """DDPO_IS on the shared rollouts (:func:`diffalign.rollouts.collect`); holds the per-prompt stat tracker.
+
+    One step = :meth:`collect` (trajectories under theta_old) -> :meth:`local_advantages` (over all
+    processes' rewards, this process's share) -> :meth:`ppo_epochs` (the clipped updates).
+    """
 
     name = "ddpo"
     needs_differentiable_reward = False
@@ -166,52 +200,44 @@ class DDPO(Method):
             adv, frac = batch_advantages(rewards.float().cpu()), 0.0
         return clip_advantages(adv, self.cfg.adv_clip_max), frac
 
-    def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
-        # 1. rollouts under theta_old
-        sampler = make_sampler(ctx.scheduler)  # the same step rule samples and rescores (spec §2.5)
-        lat, logps, prompts, parts_all, combined, everyone, gathered = [], [], [], [], [], [], []
-        images = None
-        with torch.no_grad():
-            for batch in batches:
-                traj = sample_trajectory(
-                    ctx.denoiser(batch.local),
-                    sampler,
-                    ctx.initial_latents(len(batch.local)),
-                    eta=self.sample.eta,
-                    generator=ctx.generator,
-                )
-                images = ctx.decode(traj.final)
-                r, parts = ctx.rewards(images, batch.local)
-                lat.append(traj.latents)
-                logps.append(traj.log_probs)
-                prompts += batch.local
-                parts_all.append(parts)
-                combined.append(r)
-                everyone += batch.everyone
-                gathered.append(ctx.gather(r).cpu())
-        latents, log_probs = torch.cat(lat), torch.cat(logps)
-        timesteps = sampler.timesteps
-        # 2. advantages over all processes' samples, then this process's share (same order as everyone)
-        adv_all, per_prompt = self.advantages(ctx.prompt_keys(everyone), torch.cat(gathered))
-        n_local = len(batches[0].local)
-        pi = ctx.process_index
-        adv = torch.cat([adv_all[b * len(x.everyone) + pi * n_local :][:n_local] for b, x in enumerate(batches)]).to(
-            latents.device
-        )
-        # 3. PPO updates over stored transitions
+    # 1. rollouts under theta_old
+    def collect(self, ctx: StepContext, batches: list[PromptBatch], sampler: Sampler) -> Collected:
+        """Sample and score every batch of the step (one trajectory per prompt; the group id of a sample
+        is its global position in the step, so every sample is its own group)."""
+        parts = []
+        for b, batch in enumerate(batches):
+            n, total = len(batch.local), len(batch.everyone)
+            start = b * total + ctx.process_index * n
+            parts.append(collect(ctx, batch.local, range(start, start + n), self.sample.eta, sampler=sampler))
+        return Collected.cat(parts)
+
+    # 2. advantages over all processes' samples, then this process's share (same order as everyone)
+    def local_advantages(
+        self, ctx: StepContext, rollout: Collected, batches: list[PromptBatch]
+    ) -> tuple[torch.Tensor, float]:
+        """This process's clipped advantages [N] (spec §2.2) and the fraction normalized per prompt.
+
+        The advantages are computed on the gathered rewards of every process, keyed by the global
+        prompts (``batch.everyone`` of each batch, as the tokenizer sees them), then the rows of this
+        process are taken back out (:func:`diffalign.rollouts.local_share`)."""
+        everyone = [p for batch in batches for p in batch.everyone]
+        adv_all, per_prompt = self.advantages(ctx.prompt_keys(everyone), rollout.gathered_reward)
+        adv = rollout.local(adv_all, ctx.process_index)
+        return adv.to(rollout.trajectories.latents.device), per_prompt
+
+    # 3. PPO updates over stored transitions
+    def ppo_epochs(self, ctx: StepContext, traj: Trajectories, adv: torch.Tensor, sampler: Sampler) -> PPOStats:
+        """``inner_epochs`` passes of the clipped surrogate over minibatches of ``train_batch_size``
+        trajectories (spec §2.2): per minibatch and trained step index j, log pi_theta of the stored
+        x_{k+1} recomputed with the sampling guidance, ``L_k`` backpropagated divided by
+        ``n_train * accumulation``; an optimizer update every ``gradient_accumulation_steps`` minibatches."""
+        latents, log_probs, timesteps, prompts = traj.latents, traj.log_probs, traj.timesteps, traj.prompts
         n, num_steps = latents.shape[0], len(timesteps)
         n_train = max(1, int(num_steps * self.cfg.timestep_fraction))
         tb, accum = self.cfg.train_batch_size, self.train.gradient_accumulation_steps
-        losses, kls, clipfracs, norms = [], [], [], []
+        stats = PPOStats()
         for _ in range(self.cfg.inner_epochs):
-            order = list(range(n))
-            ctx.rng.shuffle(order)
-            perms = []
-            for _ in range(n):  # an independent permutation of the step axis per trajectory
-                p = list(range(num_steps))
-                ctx.rng.shuffle(p)
-                perms.append(p)
-            step_perm = torch.tensor(perms)
+            order, step_perm = ppo_permutations(ctx.rng, n, num_steps)
             for m in range(n // tb):
                 idx = torch.tensor(order[m * tb : (m + 1) * tb])
                 denoise = ctx.denoiser([prompts[i] for i in idx.tolist()])
@@ -222,24 +248,32 @@ class DDPO(Method):
                     out = denoise_step(denoise, sampler, x_t, t, self.sample.eta, prev_sample=x_prev)
                     loss, st = ppo_clip_loss(out.log_prob, log_probs[idx, ks], adv[idx], self.cfg.clip_range)
                     ctx.backward(loss / (n_train * accum))
-                    losses.append(float(loss.detach()))
-                    kls.append(float(st["approx_kl"]))
-                    clipfracs.append(float(st["clipfrac"]))
+                    stats.losses.append(float(loss.detach()))
+                    stats.approx_kls.append(float(st["approx_kl"]))
+                    stats.clipfracs.append(float(st["clipfrac"]))
                 if (m + 1) % accum == 0:
-                    norms.append(ctx.optimizer_step())
+                    stats.norms.append(ctx.optimizer_step())
+        return stats
+
+    def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
+        sampler = make_sampler(getattr(ctx, "sampler", ctx.scheduler))  # the same step rule samples and rescores
+        rollout = self.collect(ctx, batches, sampler)
+        adv, per_prompt = self.local_advantages(ctx, rollout, batches)
+        st = self.ppo_epochs(ctx, rollout.trajectories, adv, sampler)
+        traj, last = rollout.trajectories, len(batches[-1].local)
         return StepResult(
-            loss=sum(losses) / len(losses),
-            rewards={k: torch.cat([p[k] for p in parts_all]) for k in parts_all[0]},
-            reward=torch.cat(combined),
-            grad_norm=sum(norms) / max(len(norms), 1),
-            updates=len(norms),
+            loss=sum(st.losses) / len(st.losses),
+            rewards=traj.rewards,
+            reward=traj.reward,
+            grad_norm=sum(st.norms) / max(len(st.norms), 1),
+            updates=len(st.norms),
             stats={
-                "approx_kl": sum(kls) / len(kls),
-                "clipfrac": sum(clipfracs) / len(clipfracs),
+                "approx_kl": sum(st.approx_kls) / len(st.approx_kls),
+                "clipfrac": sum(st.clipfracs) / len(st.clipfracs),
                 "advantage_abs": float(adv.abs().mean()),
                 "per_prompt_fraction": per_prompt,
             },
-            images=images,
+            images=rollout.images[-last:],  # the last sampling batch's images
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,261 @@
+"""GRPO for diffusion: Flow-GRPO's group-relative PPO (Liu et al. 2025, arXiv 2505.05470; spec §6.1)
+adapted to DDIM with eta > 0, on the shared on-policy rollouts (:mod:`diffalign.rollouts`).
+
+Per training step, for each sampling batch: this process's distinct prompts (``batch.local``), each
+sampled G = ``group_size`` times with its own initial noise at ``sample.eta`` (every DDIM step is a
+Gaussian policy N(mu_theta, sigma_t^2 I), spec §1.2), scored, then
+
+    A_i   = (R_i - mean_{g(i)} R) / (s + 1e-4)          s: std of the group, or of all the step's rewards
+                                                       (GRPO, Shao et al. 2024, arXiv 2402.03300, Sec. 4.1.2)
+    A^_i  = clamp(A_i, -adv_clip_max, adv_clip_max)
+    rho   = exp(logp_theta(x_{k+1} | x_k, c) - logp_old)
+    L     = mean_i max(-A^_i rho_i, -A^_i clamp(rho_i, 1 - eps, 1 + eps)) + beta * mean_i KL_i
+
+for ``inner_epochs`` passes over minibatches of ``train_batch_size`` trajectories, on
+``int(T * timestep_fraction)`` steps of each (:func:`diffalign.rollouts.timestep_subsample`), log-probs
+recomputed with the current LoRA and the sampling guidance on the stored transitions. The KL to the
+reference pi_ref (the same UNet with the LoRA disabled, ``ctx.reference()``), with ``beta > 0`` only:
+
+    kl: mean  KL_i = mean_elements (mu_theta - mu_ref)^2 / (2 sigma_t^2)     exact KL of the two Gaussian
+                                                                             steps per latent element
+    kl: k3    KL_i = exp(d) - d - 1,  d = logp_ref - logp_theta               (GRPO Eq. 4, Schulman's k3)
+
+A group lives on one process (:func:`diffalign.rollouts.grouped_prompts`): its id is the position of
+its prompt in the step's global prompt list; advantages are computed on the gathered rewards of all
+processes and each process trains on its own trajectories.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from diffalign.errors import DiffalignError
+from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
+from diffalign.methods.grpo_loss import gaussian_mean_kl, grpo_loss, k3_kl
+from diffalign.methods.registry import MethodEntry, register_method
+from diffalign.rollouts import (
+    Collected,
+    Trajectories,
+    collect,
+    group_advantages,
+    grouped_prompts,
+    groups_on_one_process,
+    timestep_subsample,
+    zero_std_fraction,
+)
+from diffalign.sampling import Sampler, StepOutput, denoise_step, make_sampler
+
+if TYPE_CHECKING:
+    from diffalign.config import DiffalignConfig, SampleConfig, TrainConfig
+
+
+@dataclass
+class GRPOConfig:
+    """The ``grpo:`` section; names as TRL's ``GRPOConfig`` / Flow-GRPO's config know them (docs/training.md)."""
+
+    group_size: int = 8  # G images per prompt (TRL num_generations, Flow-GRPO sample.num_image_per_prompt)
+    beta: float = 0.0  # KL weight to the reference (LoRA disabled); 0 skips the reference pass (TRL, Flow-GRPO base)
+    kl: Literal["mean", "k3"] = "mean"  # mean: exact Gaussian KL of a step per element; k3: estimator on log-probs
+    clip_range: float = 1e-4  # PPO eps on mean-reduced log-probs (TRL epsilon; Flow-GRPO train.clip_range)
+    adv_std: Literal["group", "global"] = "global"  # std of the group or of the whole step (Flow-GRPO global_std)
+    adv_clip_max: float = 5.0  # clamp advantages to +-this
+    timestep_fraction: float = 1.0  # fraction of the T steps trained per trajectory
+    shuffle_timesteps: bool = True  # a random subset of steps per trajectory (DDPO); false: steps 0..K-1 (Flow-GRPO)
+    inner_epochs: int = 1  # passes over each step's samples (TRL num_iterations, Flow-GRPO num_inner_epochs)
+    train_batch_size: int = 4  # trajectories per minibatch, per process
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise DiffalignError(
+                f"grpo.group_size must be >= 2 (a group of one has zero advantage), got {self.group_size}"
+            )
+        if self.beta < 0:
+            raise DiffalignError(f"grpo.beta must be >= 0, got {self.beta}")
+        if self.kl not in ("mean", "k3"):
+            raise DiffalignError(f"grpo.kl must be 'mean' or 'k3', got {self.kl!r}")
+        if self.clip_range <= 0:
+            raise DiffalignError(f"grpo.clip_range must be > 0, got {self.clip_range}")
+        if self.adv_std not in ("group", "global"):
+            raise DiffalignError(f"grpo.adv_std must be 'group' or 'global', got {self.adv_std!r}")
+        if self.adv_clip_max <= 0:
+            raise DiffalignError(f"grpo.adv_clip_max must be > 0, got {self.adv_clip_max}")
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise DiffalignError(f"grpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.inner_epochs < 1 or self.train_batch_size < 1:
+            raise DiffalignError("grpo.inner_epochs and grpo.train_batch_size must be >= 1")
+
+
+@dataclass
+class GRPOStats:
+    """What the updates of one step did: per-backward values, per-update gradient norms."""
+
+    losses: list[float] = field(default_factory=list)
+    approx_kls: list[float] = field(default_factory=list)
+    clipfracs: list[float] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+
+
+def step_kl(kind: str, out: StepOutput, ref: StepOutput) -> torch.Tensor:
+    """Per-sample KL [B] of the policy's step ``out`` to the reference's ``ref`` on the same transition.
+
+    ``mean``: ``||mu_theta - mu_ref||^2 / (2 sigma_t^2)`` averaged over latent elements (the exact KL of
+    the two Gaussians, which share sigma_t, per element: the scale of the mean-reduced log-probs;
+    :func:`~diffalign.methods.grpo_loss.gaussian_mean_kl`). ``k3``: :func:`~diffalign.methods.grpo_loss.k3_kl`
+    on the log-probs of the stored x_{k+1}.
+    """
+    if kind == "mean":
+        return gaussian_mean_kl(out.mean, ref.mean.to(out.mean.dtype), out.std)
+    return k3_kl(out.log_prob, ref.log_prob.to(out.log_prob.dtype))
+
+
+class GRPO(Method):
+    """Group-relative PPO with an optional KL to the LoRA-disabled reference (module docstring)."""
+
+    name = "grpo"
+    needs_differentiable_reward = False
+
+    def __init__(self, cfg: GRPOConfig, sample: SampleConfig, train: TrainConfig) -> None:
+        self.cfg, self.sample, self.train = cfg, sample, train
+
+    def batches_per_step(self) -> int:
+        return self.sample.num_batches
+
+    def samples_per_step(self) -> int:
+        """Trajectories per process per step: num_batches x batch_size prompts x group_size."""
+        return self.sample.num_batches * self.sample.batch_size * self.cfg.group_size
+
+    def updates_per_step(self) -> int:
+        minibatches = self.samples_per_step() // self.cfg.train_batch_size
+        return self.cfg.inner_epochs * (minibatches // self.train.gradient_accumulation_steps)
+
+    # 1. rollouts: G trajectories per local prompt
+    def collect(self, ctx: StepContext, batches: list[PromptBatch], sampler: Sampler) -> Collected:
+        """Sample every batch's local prompts G times each (a group per prompt, on this process).
+
+        A group's id is the position of its prompt in the step's global list (batch b's prompts
+        follow batch b-1's), so ids are unique over processes and batches."""
+        g, parts, offset = self.cfg.group_size, [], 0
+        for batch in batches:
+            n_proc = len(batch.everyone) // max(len(batch.local), 1)
+            prompts, ids = grouped_prompts(batch.everyone, g, n_proc, ctx.process_index)
+            if prompts[::g] != list(batch.local):
+                raise RuntimeError("batch.local is not this process's contiguous slice of batch.everyone")
+            parts.append(collect(ctx, prompts, [offset + i for i in ids], self.sample.eta, sampler=sampler))
+            offset += len(batch.everyone)
+        return Collected.cat(parts)
+
+    # 2. group-relative advantages over all processes, this process's share
+    def local_advantages(self, ctx: StepContext, rollout: Collected) -> tuple[torch.Tensor, dict[str, float]]:
+        """This process's clipped advantages [N] and the step's group statistics (over all processes)."""
+        rewards, ids = rollout.gathered_reward, rollout.gathered_group_ids
+        if not groups_on_one_process(ids, rollout.num_processes, rollout.batches):
+            raise RuntimeError("a GRPO group straddles processes; its samples must come from one process")
+        adv_all = group_advantages(rewards.double(), ids, std=self.cfg.adv_std).float()
+        adv_all = torch.clamp(adv_all, -self.cfg.adv_clip_max, self.cfg.adv_clip_max)
+        adv = rollout.local(adv_all, ctx.process_index).to(rollout.trajectories.latents.device)
+        return adv, {"zero_std_fraction": zero_std_fraction(rewards, ids)}
+
+    # 3. clipped ratio updates with the KL to the reference
+    def train_epochs(self, ctx: StepContext, traj: Trajectories, adv: torch.Tensor, sampler: Sampler) -> GRPOStats:
+        """``inner_epochs`` passes over minibatches of ``train_batch_size`` trajectories (module docstring).
+
+        Per minibatch: the reference steps first (``beta > 0`` only; no gradient, inside
+        ``ctx.reference()``, denoiser built there so text-encoder LoRA is off too), then per trained step
+        the policy's log-prob of the stored x_{k+1}, :func:`grpo_loss` backpropagated divided by
+        ``K * accumulation``; an optimizer update every ``gradient_accumulation_steps`` minibatches.
+        The trajectory order (``torch.randperm``) and the trained steps
+        (:func:`~diffalign.rollouts.timestep_subsample`) are drawn from ``ctx.generator``.
+        """
+        cfg, eta = self.cfg, self.sample.eta
+        latents, log_probs, timesteps, prompts = traj.latents, traj.log_probs, traj.timesteps, traj.prompts
+        n, tb, accum = len(traj), cfg.train_batch_size, self.train.gradient_accumulation_steps
+        stats = GRPOStats()
+        for _ in range(cfg.inner_epochs):
+            order = torch.randperm(n, generator=ctx.generator)
+            steps = timestep_subsample(
+                n, traj.num_steps, cfg.timestep_fraction, ctx.generator, shuffle=cfg.shuffle_timesteps
+            ).cpu()
+            k = steps.shape[1]
+            for m in range(n // tb):
+                idx = order[m * tb : (m + 1) * tb]
+                mb_prompts = [prompts[i] for i in idx.tolist()]
+                transitions = []
+                for j in range(k):
+                    ks = steps[idx, j]
+                    transitions.append((latents[idx, ks], latents[idx, ks + 1], timesteps[ks], log_probs[idx, ks]))
+                refs: list[StepOutput | None] = [None] * k
+                if cfg.beta > 0:
+                    with torch.no_grad(), ctx.reference():
+                        ref_denoise = ctx.denoiser(mb_prompts)
+                        refs = [
+                            denoise_step(ref_denoise, sampler, x, t, eta, prev_sample=xp) for x, xp, t, _ in transitions
+                        ]
+                denoise = ctx.denoiser(mb_prompts)
+                for (x_t, x_prev, t, logp_old), ref in zip(transitions, refs, strict=True):
+                    out = denoise_step(denoise, sampler, x_t, t, eta, prev_sample=x_prev)
+                    kl = step_kl(cfg.kl, out, ref) if ref is not None else None
+                    loss, st = grpo_loss(out.log_prob, logp_old, adv[idx.to(adv.device)], cfg.clip_range, kl, cfg.beta)
+                    ctx.backward(loss / (k * accum))
+                    stats.losses.append(float(loss.detach()))
+                    stats.approx_kls.append(float(st["approx_kl"]))
+                    stats.clipfracs.append(float(st["clipfrac"]))
+                    stats.kls.append(float(st["kl"]))
+                if (m + 1) % accum == 0:
+                    stats.norms.append(ctx.optimizer_step())
+        return stats
+
+    def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
+        sampler = make_sampler(getattr(ctx, "sampler", ctx.scheduler))  # the same step rule samples and rescores
+        rollout = self.collect(ctx, batches, sampler)
+        adv, group_stats = self.local_advantages(ctx, rollout)
+        st = self.train_epochs(ctx, rollout.trajectories, adv, sampler)
+        traj = rollout.trajectories
+
+        def mean(values: list[float]) -> float:
+            return sum(values) / max(len(values), 1)
+
+        return StepResult(
+            loss=mean(st.losses),
+            rewards=traj.rewards,
+            reward=traj.reward,
+            grad_norm=mean(st.norms),
+            updates=len(st.norms),
+            stats={
+                "approx_kl": mean(st.approx_kls),
+                "clipfrac": mean(st.clipfracs),
+                "kl": mean(st.kls),
+                "advantage_abs": float(adv.abs().mean()),
+                **group_stats,
+            },
+            images=rollout.images[-len(batches[-1].local) * self.cfg.group_size :],
+        )
+
+
+# ---------------------------------------------------------------------------------------- registry
+def validate_grpo(cfg: DiffalignConfig) -> None:
+    """GRPO: eta > 0 (log-probs), whole minibatches and whole updates per inner epoch."""
+    s, g, accum = cfg.sample, cfg.method_config, cfg.train.gradient_accumulation_steps
+    if s.eta <= 0:
+        raise DiffalignError(
+            "grpo needs sample.eta > 0 (each step must be a Gaussian policy; log-probs are undefined for eta = 0); "
+            "set sample.eta=1.0 (evaluate at eta 0 with eval.eta)"
+        )
+    per_step = s.batch_size * s.num_batches * g.group_size
+    if per_step % g.train_batch_size:
+        raise DiffalignError(
+            f"grpo: trajectories per step per process (sample.batch_size x sample.num_batches x grpo.group_size = "
+            f"{per_step}) must be divisible by grpo.train_batch_size ({g.train_batch_size})"
+        )
+    minibatches = per_step // g.train_batch_size
+    if minibatches % accum:
+        raise DiffalignError(
+            f"grpo: {minibatches} minibatches per inner epoch is not divisible by "
+            f"train.gradient_accumulation_steps ({accum}); an update would be lost"
+        )
+
+
+register_method(MethodEntry("grpo", GRPO, GRPOConfig, "grpo", False, validate_grpo))
