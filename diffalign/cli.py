@@ -15,13 +15,13 @@ import contextlib
 import importlib
 import json
 import math
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from diffalign.errors import DiffalignError
+from diffalign.paths import check_output_path
 
 # Subcommands living in their own modules, each exposing register(subparsers).
 _MODULES = ("diffalign.scoring", "diffalign.reno", "diffalign.train")
@@ -87,12 +87,11 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
     return lines
 
 
-def nearest_existing(path: Path) -> Path:
-    """``path`` made absolute if it exists, else its nearest existing parent (``/`` at worst)."""
-    ancestor = Path(path).absolute()
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    return ancestor
+_WRITABLE_DIR_MESSAGES = {  # check_writable_dir's wording (diffalign.paths.check_output_path)
+    "wrong_kind": "{what} {out!r} is an existing file; give a directory path",
+    "parent_file": "cannot create {what} {out!r}: {existing!r} is a file, not a directory",
+    "not_writable": "cannot write {what} {out!r}: {existing!r} is not writable; pick another",
+}
 
 
 def check_writable_dir(path: Path, what: str = "output directory") -> Path:
@@ -101,15 +100,7 @@ def check_writable_dir(path: Path, what: str = "output directory") -> Path:
     Raises DiffalignError when ``path`` is an existing file, when one of its parents is a file, or
     when the nearest existing parent is not writable.
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise DiffalignError(f"{what} {str(path)!r} is an existing file; give a directory path")
-    ancestor = nearest_existing(path)
-    if not ancestor.is_dir():
-        raise DiffalignError(f"cannot create {what} {str(path)!r}: {str(ancestor)!r} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise DiffalignError(f"cannot write {what} {str(path)!r}: {str(ancestor)!r} is not writable; pick another")
-    return path
+    return check_output_path(path, what, messages=_WRITABLE_DIR_MESSAGES, absolute=True)
 
 
 def make_dir(path: Path, what: str = "output directory") -> Path:
@@ -149,14 +140,15 @@ def check_size(size: tuple[int, int], vae_scale_factor: int) -> None:
         )
 
 
-def parse_device(text: str) -> Any:
-    """A ``torch.device`` from --device, with one-line errors for a bad name or missing CUDA."""
+def parse_device(text: str, fix: str = "use e.g. cpu or cuda") -> Any:
+    """A ``torch.device`` from --device, with one-line errors for a bad name (ending in ``; fix`` unless
+    ``fix`` is empty) or missing CUDA."""
     import torch
 
     try:
         device = torch.device(text)
     except (RuntimeError, TypeError) as err:
-        raise DiffalignError(f"unknown device {text!r}: {err}; use e.g. cpu or cuda") from None
+        raise DiffalignError(f"unknown device {text!r}: {err}" + (f"; {fix}" if fix else "")) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DiffalignError(f"device {text!r} requested but CUDA is not available; use --device cpu")
     return device

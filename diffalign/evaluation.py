@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.sampling import make_sampler, sample_differentiable
+from diffalign.rollouts import context_sampler
+from diffalign.sampling import sample_differentiable
 
 if TYPE_CHECKING:
     from diffalign.config import EvalConfig, SampleConfig
@@ -85,7 +86,7 @@ class Evaluator:
         """
         out = []
         eta = self.sample.eta if self.cfg.eta is None else self.cfg.eta
-        sampler = make_sampler(getattr(ctx, "sampler", ctx.scheduler))
+        sampler = context_sampler(ctx)
         for start in range(0, len(items), self.cfg.batch_size):
             chunk = items[start : start + self.cfg.batch_size]
             prompts = [self.prompts[i] for i, _ in chunk]

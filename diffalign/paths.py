@@ -15,6 +15,9 @@ A value found nowhere is a Hugging Face Hub id only when it does not look like a
 (:func:`looks_like_path`); otherwise the caller raises a one-line
 :class:`~diffalign.errors.DiffalignError` built with :func:`missing_path_message`, which names the
 working directory (and the config directory) it looked in, and the closest existing name.
+
+Where diffalign writes (``diffalign sample/score/reno --out``, a training run's output directory) is
+checked before any model loads by :func:`check_output_path`, one set of checks with each caller's wording.
 """
 
 from __future__ import annotations
@@ -22,12 +25,26 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from diffalign.errors import DiffalignError
 
 ASSETS = "assets"  # the first component of a path that may name a shipped asset
 _FILE_SUFFIX = re.compile(r"\.(pt|pth|bin|safetensors|ckpt|json|npz|npy|png|jpe?g|webp|txt|ya?ml)$", re.IGNORECASE)
 
 StrPath = str | os.PathLike
+PathKind = Literal["dir", "file"]
+
+# The wording of check_output_path's errors, filled in with str.format: {what} names the output
+# ("--out", "output directory"), {fix} is the advice, {out} the path checked, {existing} its nearest
+# existing parent, {entry} a path inside it (paths as str, so {out!r} quotes one).
+OUTPUT_MESSAGES: dict[str, str] = {
+    "wrong_kind": "{what} {out} is a file, not a directory; {fix}",
+    "parent_file": "cannot create {what} {out}: {existing} is a file, not a directory; {fix}",
+    "not_writable": "cannot write {what} {out}: {existing} is not writable by this user; {fix}",
+}
 
 
 def shipped_assets_dir() -> Path | None:
@@ -178,10 +195,71 @@ def missing_path_message(
     return f"{msg}; {hint}"
 
 
+def nearest_existing(path: StrPath, absolute: bool = True) -> Path:
+    """``path`` if it exists, else its nearest existing parent (made absolute first unless ``absolute`` is
+    False; a relative path then stops at ``.``)."""
+    ancestor = Path(path).absolute() if absolute else Path(path)
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
+
+
+def _wrong_kind(path: Path, kind: PathKind) -> bool:
+    """True when ``path`` exists but is not a ``kind`` (a file where a directory belongs, or the reverse)."""
+    return (path.exists() and not path.is_dir()) if kind == "dir" else path.is_dir()
+
+
+def check_output_path(
+    out: StrPath,
+    what: str,
+    fix: str = "",
+    *,
+    kind: PathKind = "dir",
+    entries: Mapping[str, PathKind] | None = None,
+    messages: Mapping[str, str] | None = None,
+    absolute: bool = False,
+) -> Path:
+    """Refuse, before anything is written, an output ``out`` that cannot be created or written; returns it.
+
+    Nothing is created or changed. In this order, a one-line :class:`DiffalignError` when:
+
+    - ``out`` exists but is not a ``kind`` (``"wrong_kind"``);
+    - the nearest existing path at or above the directory (``out`` itself for a directory, its parent
+      for a file; made absolute first with ``absolute``) is a file (``"parent_file"``) or not
+      writable by this user (``"not_writable"``);
+    - a name of ``entries`` inside ``out`` exists but is not of its kind (``"entry_not_dir"``:
+      a file where a directory belongs, ``"entry_not_file"``: a directory where a file belongs).
+
+    The wording is :data:`OUTPUT_MESSAGES` updated with ``messages`` (the entry messages must be given
+    when ``entries`` are), formatted with ``what``, ``fix`` and the paths.
+    """
+    out = Path(out)
+    text = {**OUTPUT_MESSAGES, **(messages or {})}
+
+    def fail(problem: str, existing: Path | None = None, entry: Path | None = None) -> DiffalignError:
+        fields = {"what": what, "fix": fix, "out": str(out), "existing": str(existing), "entry": str(entry)}
+        return DiffalignError(text[problem].format(**fields))
+
+    if _wrong_kind(out, kind):
+        raise fail("wrong_kind")
+    existing = nearest_existing(out if kind == "dir" else out.parent, absolute)
+    if not existing.is_dir():
+        raise fail("parent_file", existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise fail("not_writable", existing)
+    for name, entry_kind in (entries or {}).items():
+        if _wrong_kind(out / name, entry_kind):
+            raise fail(f"entry_not_{entry_kind}", entry=out / name)
+    return out
+
+
 __all__ = [
     "ASSETS",
+    "OUTPUT_MESSAGES",
+    "check_output_path",
     "looks_like_path",
     "missing_path_message",
+    "nearest_existing",
     "resolve_local",
     "shipped_asset",
     "shipped_assets",

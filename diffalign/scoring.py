@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from diffalign.errors import DiffalignError
+from diffalign.paths import check_output_path
 from reward_models.loading import load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -113,19 +113,16 @@ def _columns(rewards: list[Any]) -> list[str]:
     return [str(r.spec) if names.count(r.name) > 1 else r.name for r in rewards]
 
 
+_OUTPUT_FILE_MESSAGES = {  # check_output_file's wording (diffalign.paths.check_output_path)
+    "wrong_kind": "{what} {out!r} is a directory; give a file path ending in .csv or .jsonl",
+    "parent_file": "cannot write {what} {out!r}: {existing!r} is a file, not a directory",
+    "not_writable": "cannot write {what} {out!r}: {existing!r} is not writable; pick another path",
+}
+
+
 def check_output_file(out: Path) -> Path:
     """Check that file ``out`` can be written (not a directory, under a writable directory) without creating it."""
-    from diffalign.cli import nearest_existing
-
-    out = Path(out)
-    if out.is_dir():
-        raise DiffalignError(f"--out {str(out)!r} is a directory; give a file path ending in .csv or .jsonl")
-    ancestor = nearest_existing(out.parent)
-    if not ancestor.is_dir():
-        raise DiffalignError(f"cannot write --out {str(out)!r}: {str(ancestor)!r} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise DiffalignError(f"cannot write --out {str(out)!r}: {str(ancestor)!r} is not writable; pick another path")
-    return out
+    return check_output_path(out, "--out", kind="file", messages=_OUTPUT_FILE_MESSAGES, absolute=True)
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -159,6 +156,7 @@ def score_images(
     """
     from tqdm import tqdm
 
+    from diffalign.cli import parse_device
     from diffalign.combine import check_weights
     from reward_models import RewardSpec, get_reward
     from reward_models.registry import reward_class
@@ -167,12 +165,7 @@ def score_images(
         raise DiffalignError("no rewards given; pass at least one --reward NAME[:key=value,...]")
     if batch_size < 1:
         raise DiffalignError(f"batch size must be at least 1, got {batch_size}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise DiffalignError(f"unknown device {device!r}: {err}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DiffalignError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    dev = parse_device(device, fix="")
     parsed = [RewardSpec.parse(spec) for spec in reward_specs]
     for spec in parsed:  # fail fast on a misspelt reward, before reading any image
         reward_class(spec.name)

@@ -56,6 +56,7 @@ from diffalign.combine import weighted_sum
 from diffalign.config import DiffalignConfig
 from diffalign.errors import DiffalignError
 from diffalign.methods import PromptBatch, StepResult, build_method
+from diffalign.paths import check_output_path
 from diffalign.prompts import PromptSampler, eval_prompts, load_prompts, non_shapes_prompt
 from diffalign.runinfo import append_run_info
 from diffalign.sampling import make_sampler
@@ -64,6 +65,10 @@ DTYPE_BY_PRECISION = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # What a run directory holds: these must be directories, those files (when they exist).
 RUN_DIRS = ("checkpoints", "samples", "lora", "logs")
 RUN_FILES = ("metrics.jsonl", "eval.jsonl", "config.yaml", MODULES_FILE)
+RUN_ENTRY_MESSAGES = {  # a run entry of the wrong kind (diffalign.paths.check_output_path)
+    "entry_not_dir": "{entry} is a file, but a run keeps a directory there; move it away or {fix}",
+    "entry_not_file": "{entry} is a directory, but a run writes a file there; move it away or {fix}",
+}
 
 
 def process_seeds(seed: int, process_index: int) -> tuple[int, int]:
@@ -275,27 +280,13 @@ class Trainer:
         write, or a run entry of the wrong kind (``checkpoints`` as a file, ``metrics.jsonl`` as a
         directory, ...). Nothing is created or changed here.
         """
-        out = self.out
-        fix = "choose another --output-dir (or checkpoint.output_dir)"
-        if out.exists() and not out.is_dir():
-            raise DiffalignError(f"output directory {out} is a file, not a directory; {fix}")
-        existing = out
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            raise DiffalignError(f"cannot create output directory {out}: {existing} is a file, not a directory; {fix}")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise DiffalignError(f"cannot write output directory {out}: {existing} is not writable by this user; {fix}")
-        for name in RUN_DIRS:
-            if (out / name).exists() and not (out / name).is_dir():
-                raise DiffalignError(
-                    f"{out / name} is a file, but a run keeps a directory there; move it away or {fix}"
-                )
-        for name in RUN_FILES:
-            if (out / name).is_dir():
-                raise DiffalignError(
-                    f"{out / name} is a directory, but a run writes a file there; move it away or {fix}"
-                )
+        check_output_path(
+            self.out,
+            "output directory",
+            "choose another --output-dir (or checkpoint.output_dir)",
+            entries={**dict.fromkeys(RUN_DIRS, "dir"), **dict.fromkeys(RUN_FILES, "file")},
+            messages=RUN_ENTRY_MESSAGES,
+        )
 
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[None]:

@@ -11,7 +11,6 @@ weight files (score).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 from rewards_fixtures import make_open_clip_dir
 from safetensors.torch import load_file, save_file
-from train_fixtures import tiny_config, write_config
+from train_fixtures import assert_same_run, tiny_config, write_config
 
 from diffalign.checkpoint import HOOK_ENV
 from diffalign.cli import main
@@ -45,22 +44,6 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture, *parts: str) -> str:
 def tree(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` with its bytes (to check that an error path changed nothing)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def records(path: Path) -> list[dict]:
-    """JSONL records without their wall-clock ``time`` values."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for row in rows:
-        row.pop("time")
-    return rows
-
-
-def assert_same_run(ref: Path, run: Path) -> None:
-    assert records(run / "metrics.jsonl") == records(ref / "metrics.jsonl")
-    assert records(run / "eval.jsonl") == records(ref / "eval.jsonl")
-    a = load_file(ref / "lora/pytorch_lora_weights.safetensors")
-    b = load_file(run / "lora/pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def train_config(tmp: Path, sd_dir: Path, out: Path) -> Path:

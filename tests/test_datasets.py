@@ -5,10 +5,6 @@ one-line errors for every bad input; an end-to-end run of a dataset method kille
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,28 +12,24 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
-from train_fixtures import tiny_config, write_config
+from train_fixtures import (
+    assert_same_run,
+    kill_inside_checkpoint_save,
+    records,
+    registry_cleaner,
+    resume_latest,
+    run_train,
+    tiny_config,
+    write_config,
+)
 
 from diffalign.config import DiffalignConfig
 from diffalign.datasets import DatasetBatch, DatasetStream, JsonlDataset, check_batch_size, resize_center_crop
 from diffalign.errors import DiffalignError
-from diffalign.methods import registered_methods
-from diffalign.methods.registry import unregister_method
 
-ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = "toy_dataset_method"
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow circle", "three red squares"]
-
-
-@pytest.fixture(autouse=True)
-def clean_registry():
-    before = {e.name for e in registered_methods()}
-    yield
-    for entry in registered_methods():
-        if entry.name not in before:
-            unregister_method(entry.name)
-    sys.modules.pop(PLUGIN, None)
+clean_registry = registry_cleaner(PLUGIN)  # each test leaves the method registry as it was
 
 
 def write_dataset(root: Path, n: int = 6, size: tuple[int, int] = (8, 8), extra: dict | None = None) -> Path:
@@ -236,20 +228,6 @@ def test_config_data_section(tmp_path: Path, sd_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
-    env.pop("DIFFALIGN_CHECKPOINT_HOOK", None)
-    return env | extra
-
-
-def _records(path: Path) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for row in rows:
-        row.pop("time")
-    return rows
-
-
 def test_train_from_a_dataset_killed_and_resumed(tmp_path: Path, sd_dir: Path) -> None:
     write_dataset(tmp_path / "data", n=5)
     paths = {}
@@ -257,11 +235,10 @@ def test_train_from_a_dataset_killed_and_resumed(tmp_path: Path, sd_dir: Path) -
         extra = {"train": {"steps": 6}, "eval": {"every": 3}, "checkpoint": {"every": 2, "keep": 2}}
         cfg = _config_data(tmp_path, sd_dir, tmp_path / name, data={"train": "data/train.jsonl"}, **extra)
         paths[name] = write_config(tmp_path / f"{name}.yaml", cfg)
-    cmd = [sys.executable, "-m", "diffalign", "train", "--config"]
-    proc = subprocess.run([*cmd, str(paths["ref"])], env=_env(), capture_output=True, text=True)
+    proc = run_train(paths["ref"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref, run = tmp_path / "ref", tmp_path / "killed"
-    metrics = _records(ref / "metrics.jsonl")
+    metrics = records(ref / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6] and all(m["loss"] > 0 for m in metrics)
     # the records drawn are the stream's: 2 per step from a 5-record dataset, reshuffled every epoch
     stream = DatasetStream(dataset(tmp_path / "data" / "train.jsonl"), seed=0)
@@ -269,17 +246,6 @@ def test_train_from_a_dataset_killed_and_resumed(tmp_path: Path, sd_dir: Path) -
     state = torch.load(ref / "checkpoints" / "step_6" / "state.pt", weights_only=True)
     assert state["data"] | {"sha256": None} == {"epoch": 2, "position": 2, "num_records": 5, "sha256": None}
 
-    killed = subprocess.run(
-        [*cmd, str(paths["killed"])], env=_env(DIFFALIGN_CHECKPOINT_HOOK="kill:4"), capture_output=True, text=True
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = subprocess.run(
-        [*cmd, str(paths["killed"]), "--resume", "latest"], env=_env(), capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout and "step_2" in resumed.stdout
-    assert _records(run / "metrics.jsonl") == metrics
-    assert _records(run / "eval.jsonl") == _records(ref / "eval.jsonl")
-    a = load_file(ref / "lora" / "pytorch_lora_weights.safetensors")
-    b = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kill_inside_checkpoint_save(paths["killed"], 4)
+    resume_latest(paths["killed"], 2)
+    assert_same_run(ref, run)

@@ -11,15 +11,13 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from test_ddpo_rollouts import FakeCtx
-from train_fixtures import Brightness, tiny_config, write_config
+from train_fixtures import Brightness, launch_two_processes, tiny_config, write_config
 
 from diffalign.cli import main
 from diffalign.config import DiffalignConfig, SampleConfig, TrainConfig
@@ -27,8 +25,6 @@ from diffalign.errors import DiffalignError
 from diffalign.methods import PromptBatch, build_method
 from diffalign.methods.grpo import GRPO, GRPOConfig
 from reward_models import Reward
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def queue_rewards(values: list[float]):
@@ -333,13 +329,7 @@ def test_two_processes_keep_groups_whole(tmp_path, sd_dir):
         checkpoint={"every": 0},
     )
     path = write_config(tmp_path / "cfg.yaml", cfg)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    proc = subprocess.run(
-        [*launch, "-m", "diffalign", "train", "--config", str(path)], env=env, capture_output=True, text=True
-    )
+    proc = launch_two_processes(path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = rows(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2] and all(m["samples"] == 2 * batch * g for m in metrics)

@@ -12,27 +12,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_fixtures import tiny_config, write_config
+from train_fixtures import registry_cleaner, tiny_config, write_config
 
 from diffalign.cli import main
 from diffalign.config import DiffalignConfig
 from diffalign.errors import DiffalignError
 from diffalign.methods import MethodEntry, register_method, registered_methods
-from diffalign.methods.registry import get_method, method_sections, plugins_from_env, unregister_method
+from diffalign.methods.registry import get_method, method_sections, plugins_from_env
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = {"reward": {"rewards": ["train_fixtures:Brightness"]}}
 
 
-@pytest.fixture(autouse=True)
-def clean_registry():
-    """Each test leaves the registry as it found it (plug-ins registered here would leak into other tests)."""
-    before = {e.name for e in registered_methods()}
-    yield
-    for entry in registered_methods():
-        if entry.name not in before:
-            unregister_method(entry.name)
-    sys.modules.pop("toy_method", None)
+# each test leaves the registry as it found it (plug-ins registered here would leak into other tests)
+clean_registry = registry_cleaner("toy_method")
 
 
 @pytest.fixture

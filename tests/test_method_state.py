@@ -5,55 +5,31 @@ damaged module files are one-line errors; gradients of owned modules are average
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_fixtures import tiny_config, write_config
+from train_fixtures import (
+    assert_same_run,
+    kill_inside_checkpoint_save,
+    launch_two_processes,
+    records,
+    registry_cleaner,
+    resume_latest,
+    run_train,
+    tiny_config,
+    write_config,
+)
 
 from diffalign.checkpoint import MODULES_FILE, load_module_tensors, module_tensors
 from diffalign.cli import main
 from diffalign.errors import DiffalignError
-from diffalign.methods import registered_methods
-from diffalign.methods.registry import unregister_method
 
-ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = "toy_state_method"
-
-
-@pytest.fixture(autouse=True)
-def clean_registry():
-    """The plug-in registers when a run in this process imports it; leave the registry as it was."""
-    before = {e.name for e in registered_methods()}
-    yield
-    for entry in registered_methods():
-        if entry.name not in before:
-            unregister_method(entry.name)
-    sys.modules.pop(PLUGIN, None)
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
-    env.pop("DIFFALIGN_CHECKPOINT_HOOK", None)
-    return env | extra
-
-
-def _cmd(cfg: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "diffalign", "train", "--config", str(cfg), *extra]
-
-
-def _records(path: Path) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for row in rows:
-        row.pop("time")
-    return rows
+# the plug-in registers when a run in this process imports it; each test leaves the registry as it was
+clean_registry = registry_cleaner(PLUGIN)
 
 
 def _config(tmp_path: Path, sd_dir: Path, out: Path, **sections: dict[str, Any]) -> Path:
@@ -80,7 +56,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, sd_dir: Path) -> Path:
     """An uninterrupted 6-step run of the toy method (in a subprocess, like the killed one)."""
     tmp = tmp_path_factory.mktemp("method_state_ref")
     out = tmp / "ref"
-    proc = subprocess.run(_cmd(_config(tmp, sd_dir, out)), env=_env(), capture_output=True, text=True)
+    proc = run_train(_config(tmp, sd_dir, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "the method's modules:" in proc.stdout and "(disc)" in proc.stdout
     return out
@@ -97,7 +73,7 @@ def test_owned_state_is_saved(reference: Path) -> None:
     assert set(adam["state"]) == {0, 1} and int(adam["state"][0]["step"]) == 6  # one Adam step per training step
     assert state["method"]["normalizer"]["count"] == 12  # 6 steps x 2 samples
     assert state["data"] is None
-    metrics = _records(reference / "metrics.jsonl")
+    metrics = records(reference / "metrics.jsonl")
     assert [m["norm_count"] for m in metrics] == [2.0, 4.0, 6.0, 8.0, 10.0, 12.0]
     assert len({m["disc_w0"] for m in metrics}) == 6  # the discriminator trains every step
     early = load_file(reference / "checkpoints" / "step_2" / MODULES_FILE)
@@ -107,15 +83,11 @@ def test_owned_state_is_saved(reference: Path) -> None:
 def test_kill_inside_checkpoint_save_then_resume_is_exact(reference: Path, tmp_path: Path, sd_dir: Path) -> None:
     run = tmp_path / "killed"
     cfg = _config(tmp_path, sd_dir, run)
-    proc = subprocess.run(_cmd(cfg), env=_env(DIFFALIGN_CHECKPOINT_HOOK="kill:4"), capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    kill_inside_checkpoint_save(cfg, 4)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [".tmp-step_4", "step_2"]
-    proc = subprocess.run(_cmd(cfg, "--resume", "latest"), env=_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from" in proc.stdout and "step_2" in proc.stdout
+    resume_latest(cfg, 2)
 
-    assert _records(run / "metrics.jsonl") == _records(reference / "metrics.jsonl")
-    assert _records(run / "eval.jsonl") == _records(reference / "eval.jsonl")
+    assert_same_run(reference, run)  # metrics, evaluations, exported LoRA
     for step in (4, 6):
         ours, theirs = run / "checkpoints" / f"step_{step}", reference / "checkpoints" / f"step_{step}"
         assert _same(load_file(ours / MODULES_FILE), load_file(theirs / MODULES_FILE))
@@ -125,9 +97,6 @@ def test_kill_inside_checkpoint_save_then_resume_is_exact(reference: Path, tmp_p
         assert _same(a["method_optimizers"], b["method_optimizers"])  # Adam moments and step, bit for bit
         assert _same(a["method"], b["method"]) and _same(a["optimizer"], b["optimizer"])
     assert _same(load_file(run / MODULES_FILE), load_file(reference / MODULES_FILE))
-    a = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
-    b = load_file(reference / "lora" / "pytorch_lora_weights.safetensors")
-    assert _same(a, b)
 
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture, *parts: str) -> str:
@@ -244,11 +213,7 @@ def test_owned_gradients_are_averaged_over_two_processes(tmp_path: Path, sd_dir:
         checkpoint={"every": 0, "keep": 1},
         toy_state={"record_dir": str(rec)},
     )
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    proc = subprocess.run(
-        [*launch, "-m", "diffalign", "train", "--config", str(cfg)], env=_env(), capture_output=True, text=True
-    )
+    proc = launch_two_processes(cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights = {p.stem: [json.loads(x) for x in p.read_text().splitlines()] for p in rec.iterdir()}
     assert sorted(weights) == ["0", "1"] and len(weights["0"]) == 2

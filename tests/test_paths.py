@@ -15,7 +15,14 @@ import yaml
 
 from diffalign.config import DiffalignConfig, resolve_config_paths
 from diffalign.errors import DiffalignError
-from diffalign.paths import looks_like_path, missing_path_message, resolve_local, shipped_asset, shipped_assets_dir
+from diffalign.paths import (
+    check_output_path,
+    looks_like_path,
+    missing_path_message,
+    resolve_local,
+    shipped_asset,
+    shipped_assets_dir,
+)
 from diffalign.pipelines import _is_hub_id, load_pipeline, pipeline_class_name
 from diffalign.prompts import load_prompts
 
@@ -355,3 +362,32 @@ def test_non_editable_install_finds_the_shipped_assets(tmp_path):
     assert out["clip"] == str(shipped / "shapes-clip")
     assert out["rewards"] == [f"shapes_clip:model=local-dir:{shipped / 'shapes-clip'}"]
     assert out["unet"] == "UNet2DConditionModel"
+
+
+def test_check_output_path_wording_and_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One set of checks behind every output option: the caller's noun, advice and wording; nothing created."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "logs").write_text("x")
+    (tmp_path / "run" / "metrics.jsonl").mkdir()
+
+    def error(out: str, **kw) -> str:
+        with pytest.raises(DiffalignError) as err:
+            check_output_path(out, "--out", "choose another --out", **kw)
+        return str(err.value)
+
+    assert error("file") == "--out file is a file, not a directory; choose another --out"
+    assert error("file/a/b") == "cannot create --out file/a/b: file is a file, not a directory; choose another --out"
+    messages = {"entry_not_dir": "{entry} in the way", "entry_not_file": "{entry!r} is a folder"}
+    entries = {"logs": "dir", "metrics.jsonl": "file"}
+    assert error("run", entries=entries, messages=messages) == "run/logs in the way"  # in the order given
+    entries = {"metrics.jsonl": "file", "logs": "dir"}
+    assert error("run", entries=entries, messages=messages) == "'run/metrics.jsonl' is a folder"
+    is_dir = {"wrong_kind": "{what} {out!r} is a directory"}  # a file output: a directory is in the way
+    assert error("run", kind="file", messages=is_dir) == "--out 'run' is a directory"
+    shown = error("file/x.csv", kind="file", absolute=True, messages={"parent_file": "{existing}"})
+    assert shown == str(tmp_path / "file")  # the nearest existing parent, made absolute
+    assert check_output_path("new/deep", "--out") == Path("new/deep") and not Path("new").exists()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert error("new/deep") == "cannot write --out new/deep: . is not writable by this user; choose another --out"

@@ -8,17 +8,11 @@ processes, which fall back to the gloo backend without GPUs.)"""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from train_fixtures import tiny_config, write_config
+from train_fixtures import launch_two_processes, tiny_config, write_config
 
 from diffalign.prompts import PromptSampler, load_prompts
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_two_processes_shard_prompts_and_aggregate(tmp_path, sd_dir):
@@ -29,13 +23,7 @@ def test_two_processes_shard_prompts_and_aggregate(tmp_path, sd_dir):
         sd_dir, out, "draft_k", reward={"rewards": [f"train_fixtures:Recording:dir={rec}"]}, eval={"every": 0}
     )
     path = write_config(tmp_path / "cfg.yaml", cfg)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    proc = subprocess.run(
-        [*launch, "-m", "diffalign", "train", "--config", str(path)], env=env, capture_output=True, text=True
-    )
+    proc = launch_two_processes(path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished 3 steps") == 1  # only the main process reports
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,6 @@
-"""Helpers for the training tests: tiny plug-in rewards and tiny run configs.
+"""Helpers for the training tests: tiny plug-in rewards, tiny run configs, training in subprocesses
+(killed and resumed, or two processes under ``accelerate launch``), run comparisons, and a fixture
+that leaves the method registry as it was.
 
 The rewards are plug-ins (``train_fixtures:Brightness``), so the trainer loads them through the
 public reward registry exactly as a user's own reward module.
@@ -6,13 +8,23 @@ public reward registry exactly as a user's own reward module.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from reward_models import Reward
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Brightness(Reward):
@@ -94,3 +106,86 @@ def tiny_config(sd_dir: Path, out: Path, method: str = "alignprop", **sections: 
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+# ------------------------------------------------------------------------------ runs in subprocesses
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a training subprocess: one thread, ``tests/`` and the checkout importable
+    (plug-in rewards and methods), no checkpoint hook inherited; ``extra`` set last."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
+    env.pop("DIFFALIGN_CHECKPOINT_HOOK", None)
+    return env | extra
+
+
+def train_cmd(cfg: Path, *extra: str) -> list[str]:
+    """``python -m diffalign train --config cfg [extra...]``."""
+    return [sys.executable, "-m", "diffalign", "train", "--config", str(cfg), *extra]
+
+
+def run_train(cfg: Path, *extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """:func:`train_cmd` run to its end in :func:`subprocess_env` (with ``env`` added), output captured."""
+    return subprocess.run(train_cmd(cfg, *extra), env=subprocess_env(**env), capture_output=True, text=True)
+
+
+def kill_inside_checkpoint_save(cfg: Path, step: int) -> subprocess.CompletedProcess[str]:
+    """Train ``cfg`` in a subprocess that SIGKILLs itself inside the save of checkpoint ``step``."""
+    proc = run_train(cfg, DIFFALIGN_CHECKPOINT_HOOK=f"kill:{step}")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return proc
+
+
+def resume_latest(cfg: Path, step: int) -> subprocess.CompletedProcess[str]:
+    """``--resume latest`` of ``cfg`` in a subprocess; it must succeed, resuming from checkpoint ``step``."""
+    proc = run_train(cfg, "--resume", "latest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout and f"step_{step}" in proc.stdout
+    return proc
+
+
+def launch_two_processes(cfg: Path) -> subprocess.CompletedProcess[str]:
+    """``accelerate launch --multi_gpu --num_processes 2`` of ``diffalign train --config cfg`` on CPU (two gloo
+    processes; ``--cpu`` would start one), in :func:`subprocess_env`, output captured."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [*launch, "-m", "diffalign", "train", "--config", str(cfg)]
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True)
+
+
+# ---------------------------------------------------------------------------------- comparing runs
+def records(path: Path) -> list[dict]:
+    """JSONL records without their wall-clock ``time`` values."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row.pop("time")
+    return rows
+
+
+def assert_same_run(ref: Path, run: Path, note: str = "") -> None:
+    """The runs in ``ref`` and ``run`` logged the same metrics and evaluations and exported the same LoRA, bit for bit."""
+    assert records(run / "metrics.jsonl") == records(ref / "metrics.jsonl"), note
+    assert records(run / "eval.jsonl") == records(ref / "eval.jsonl"), note
+    a = load_file(ref / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), note
+
+
+# ---------------------------------------------------------------------------------- method registry
+def registry_cleaner(*plugins: str) -> Callable[[], Iterator[None]]:
+    """An autouse fixture (assign it to a module global) that unregisters the methods a test registered
+    and forgets the plug-in modules ``plugins``, so that the next import registers them again."""
+
+    @pytest.fixture(autouse=True)
+    def clean_registry() -> Iterator[None]:
+        from diffalign.methods import registered_methods
+        from diffalign.methods.registry import unregister_method
+
+        before = {e.name for e in registered_methods()}
+        yield
+        for entry in registered_methods():
+            if entry.name not in before:
+                unregister_method(entry.name)
+        for name in plugins:
+            sys.modules.pop(name, None)
+
+    return clean_registry

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +35,8 @@ import torch
 from diffalign.errors import DiffalignError
 from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
 from diffalign.methods.registry import MethodEntry, register_method
-from diffalign.rollouts import Collected, Trajectories, collect
-from diffalign.sampling import Sampler, denoise_step, make_sampler
+from diffalign.rollouts import Collected, Trajectories, collect, context_sampler
+from diffalign.sampling import Sampler, denoise_step
 
 if TYPE_CHECKING:
     from diffalign.config import DiffalignConfig, SampleConfig, TrainConfig
@@ -159,6 +160,31 @@ def ppo_permutations(rng: random.Random, n: int, num_steps: int) -> tuple[list[i
     return order, torch.tensor(perms)
 
 
+def ppo_minibatches(
+    ctx: StepContext,
+    stats: PPOStats,
+    epochs: int,
+    n: int,
+    batch_size: int,
+    accum: int,
+    draw: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The PPO passes of one step, shared by DDPO and GRPO: per epoch, ``draw()`` gives the trajectory
+    order [n] and the epoch's step choice; yields each whole minibatch's indices (``batch_size`` of the
+    order) with that step choice. After the caller's work on every ``accum``-th minibatch, one
+    ``ctx.optimizer_step()``, its gradient norm appended to ``stats.norms``."""
+    for _ in range(epochs):
+        order, steps = draw()
+        for m in range(n // batch_size):
+            yield order[m * batch_size : (m + 1) * batch_size], steps
+            if (m + 1) % accum == 0:
+                stats.norms.append(ctx.optimizer_step())
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
 @dataclass
 class PPOStats:
     """What the PPO passes of one step did: per-backward losses and diagnostics, per-update norms."""
@@ -167,6 +193,29 @@ class PPOStats:
     approx_kls: list[float] = field(default_factory=list)
     clipfracs: list[float] = field(default_factory=list)
     norms: list[float] = field(default_factory=list)
+
+    def record(self, loss: torch.Tensor, st: dict[str, torch.Tensor]) -> None:
+        """One backward's loss and the loss function's ``approx_kl`` and ``clipfrac``."""
+        self.losses.append(float(loss.detach()))
+        self.approx_kls.append(float(st["approx_kl"]))
+        self.clipfracs.append(float(st["clipfrac"]))
+
+    def diagnostics(self) -> dict[str, float]:
+        """The step's means of the recorded diagnostics."""
+        return {"approx_kl": _mean(self.approx_kls), "clipfrac": _mean(self.clipfracs)}
+
+    def result(self, traj: Trajectories, adv: torch.Tensor, images: torch.Tensor, **stats: float) -> StepResult:
+        """The step's :class:`StepResult`: mean loss and gradient norm, the diagnostics, the mean absolute
+        advantage, then ``stats``."""
+        return StepResult(
+            loss=_mean(self.losses),
+            rewards=traj.rewards,
+            reward=traj.reward,
+            grad_norm=_mean(self.norms),
+            updates=len(self.norms),
+            stats={**self.diagnostics(), "advantage_abs": float(adv.abs().mean()), **stats},
+            images=images,
+        )
 
 
 # ------------------------------------------------------------------------------------------ method
@@ -236,45 +285,30 @@ class DDPO(Method):
         n_train = max(1, int(num_steps * self.cfg.timestep_fraction))
         tb, accum = self.cfg.train_batch_size, self.train.gradient_accumulation_steps
         stats = PPOStats()
-        for _ in range(self.cfg.inner_epochs):
+
+        def draw() -> tuple[torch.Tensor, torch.Tensor]:
             order, step_perm = ppo_permutations(ctx.rng, n, num_steps)
-            for m in range(n // tb):
-                idx = torch.tensor(order[m * tb : (m + 1) * tb])
-                denoise = ctx.denoiser([prompts[i] for i in idx.tolist()])
-                for j in range(n_train):
-                    ks = step_perm[idx, j]
-                    x_t, x_prev = latents[idx, ks], latents[idx, ks + 1]
-                    t = timesteps[ks]
-                    out = denoise_step(denoise, sampler, x_t, t, self.sample.eta, prev_sample=x_prev)
-                    loss, st = ppo_clip_loss(out.log_prob, log_probs[idx, ks], adv[idx], self.cfg.clip_range)
-                    ctx.backward(loss / (n_train * accum))
-                    stats.losses.append(float(loss.detach()))
-                    stats.approx_kls.append(float(st["approx_kl"]))
-                    stats.clipfracs.append(float(st["clipfrac"]))
-                if (m + 1) % accum == 0:
-                    stats.norms.append(ctx.optimizer_step())
+            return torch.tensor(order), step_perm
+
+        for idx, step_perm in ppo_minibatches(ctx, stats, self.cfg.inner_epochs, n, tb, accum, draw):
+            denoise = ctx.denoiser([prompts[i] for i in idx.tolist()])
+            for j in range(n_train):
+                ks = step_perm[idx, j]
+                x_t, x_prev = latents[idx, ks], latents[idx, ks + 1]
+                t = timesteps[ks]
+                out = denoise_step(denoise, sampler, x_t, t, self.sample.eta, prev_sample=x_prev)
+                loss, st = ppo_clip_loss(out.log_prob, log_probs[idx, ks], adv[idx], self.cfg.clip_range)
+                ctx.backward(loss / (n_train * accum))
+                stats.record(loss, st)
         return stats
 
     def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
-        sampler = make_sampler(getattr(ctx, "sampler", ctx.scheduler))  # the same step rule samples and rescores
+        sampler = context_sampler(ctx)  # the same step rule samples and rescores
         rollout = self.collect(ctx, batches, sampler)
         adv, per_prompt = self.local_advantages(ctx, rollout, batches)
         st = self.ppo_epochs(ctx, rollout.trajectories, adv, sampler)
-        traj, last = rollout.trajectories, len(batches[-1].local)
-        return StepResult(
-            loss=sum(st.losses) / len(st.losses),
-            rewards=traj.rewards,
-            reward=traj.reward,
-            grad_norm=sum(st.norms) / max(len(st.norms), 1),
-            updates=len(st.norms),
-            stats={
-                "approx_kl": sum(st.approx_kls) / len(st.approx_kls),
-                "clipfrac": sum(st.clipfracs) / len(st.clipfracs),
-                "advantage_abs": float(adv.abs().mean()),
-                "per_prompt_fraction": per_prompt,
-            },
-            images=rollout.images[-last:],  # the last sampling batch's images
-        )
+        images = rollout.images[-len(batches[-1].local) :]  # the last sampling batch's images
+        return st.result(rollout.trajectories, adv, images, per_prompt_fraction=per_prompt)
 
     def state_dict(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state_dict()}

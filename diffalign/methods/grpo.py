@@ -34,19 +34,21 @@ import torch
 
 from diffalign.errors import DiffalignError
 from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
+from diffalign.methods.ddpo import PPOStats, ppo_minibatches
 from diffalign.methods.grpo_loss import gaussian_mean_kl, grpo_loss, k3_kl
 from diffalign.methods.registry import MethodEntry, register_method
 from diffalign.rollouts import (
     Collected,
     Trajectories,
     collect,
+    context_sampler,
     group_advantages,
     grouped_prompts,
     groups_on_one_process,
     timestep_subsample,
     zero_std_fraction,
 )
-from diffalign.sampling import Sampler, StepOutput, denoise_step, make_sampler
+from diffalign.sampling import Sampler, StepOutput, denoise_step
 
 if TYPE_CHECKING:
     from diffalign.config import DiffalignConfig, SampleConfig, TrainConfig
@@ -89,14 +91,17 @@ class GRPOConfig:
 
 
 @dataclass
-class GRPOStats:
-    """What the updates of one step did: per-backward values, per-update gradient norms."""
+class GRPOStats(PPOStats):
+    """What the updates of one step did: DDPO's :class:`~diffalign.methods.ddpo.PPOStats` and the KLs."""
 
-    losses: list[float] = field(default_factory=list)
-    approx_kls: list[float] = field(default_factory=list)
-    clipfracs: list[float] = field(default_factory=list)
     kls: list[float] = field(default_factory=list)
-    norms: list[float] = field(default_factory=list)
+
+    def record(self, loss: torch.Tensor, st: dict[str, torch.Tensor]) -> None:
+        super().record(loss, st)
+        self.kls.append(float(st["kl"]))
+
+    def diagnostics(self) -> dict[str, float]:
+        return {**super().diagnostics(), "kl": sum(self.kls) / max(len(self.kls), 1)}
 
 
 def step_kl(kind: str, out: StepOutput, ref: StepOutput) -> torch.Tensor:
@@ -174,65 +179,44 @@ class GRPO(Method):
         latents, log_probs, timesteps, prompts = traj.latents, traj.log_probs, traj.timesteps, traj.prompts
         n, tb, accum = len(traj), cfg.train_batch_size, self.train.gradient_accumulation_steps
         stats = GRPOStats()
-        for _ in range(cfg.inner_epochs):
+
+        def draw() -> tuple[torch.Tensor, torch.Tensor]:
             order = torch.randperm(n, generator=ctx.generator)
             steps = timestep_subsample(
                 n, traj.num_steps, cfg.timestep_fraction, ctx.generator, shuffle=cfg.shuffle_timesteps
-            ).cpu()
+            )
+            return order, steps.cpu()
+
+        for idx, steps in ppo_minibatches(ctx, stats, cfg.inner_epochs, n, tb, accum, draw):
             k = steps.shape[1]
-            for m in range(n // tb):
-                idx = order[m * tb : (m + 1) * tb]
-                mb_prompts = [prompts[i] for i in idx.tolist()]
-                transitions = []
-                for j in range(k):
-                    ks = steps[idx, j]
-                    transitions.append((latents[idx, ks], latents[idx, ks + 1], timesteps[ks], log_probs[idx, ks]))
-                refs: list[StepOutput | None] = [None] * k
-                if cfg.beta > 0:
-                    with torch.no_grad(), ctx.reference():
-                        ref_denoise = ctx.denoiser(mb_prompts)
-                        refs = [
-                            denoise_step(ref_denoise, sampler, x, t, eta, prev_sample=xp) for x, xp, t, _ in transitions
-                        ]
-                denoise = ctx.denoiser(mb_prompts)
-                for (x_t, x_prev, t, logp_old), ref in zip(transitions, refs, strict=True):
-                    out = denoise_step(denoise, sampler, x_t, t, eta, prev_sample=x_prev)
-                    kl = step_kl(cfg.kl, out, ref) if ref is not None else None
-                    loss, st = grpo_loss(out.log_prob, logp_old, adv[idx.to(adv.device)], cfg.clip_range, kl, cfg.beta)
-                    ctx.backward(loss / (k * accum))
-                    stats.losses.append(float(loss.detach()))
-                    stats.approx_kls.append(float(st["approx_kl"]))
-                    stats.clipfracs.append(float(st["clipfrac"]))
-                    stats.kls.append(float(st["kl"]))
-                if (m + 1) % accum == 0:
-                    stats.norms.append(ctx.optimizer_step())
+            mb_prompts = [prompts[i] for i in idx.tolist()]
+            transitions = []
+            for j in range(k):
+                ks = steps[idx, j]
+                transitions.append((latents[idx, ks], latents[idx, ks + 1], timesteps[ks], log_probs[idx, ks]))
+            refs: list[StepOutput | None] = [None] * k
+            if cfg.beta > 0:
+                with torch.no_grad(), ctx.reference():
+                    ref_denoise = ctx.denoiser(mb_prompts)
+                    refs = [
+                        denoise_step(ref_denoise, sampler, x, t, eta, prev_sample=xp) for x, xp, t, _ in transitions
+                    ]
+            denoise = ctx.denoiser(mb_prompts)
+            for (x_t, x_prev, t, logp_old), ref in zip(transitions, refs, strict=True):
+                out = denoise_step(denoise, sampler, x_t, t, eta, prev_sample=x_prev)
+                kl = step_kl(cfg.kl, out, ref) if ref is not None else None
+                loss, st = grpo_loss(out.log_prob, logp_old, adv[idx.to(adv.device)], cfg.clip_range, kl, cfg.beta)
+                ctx.backward(loss / (k * accum))
+                stats.record(loss, st)
         return stats
 
     def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
-        sampler = make_sampler(getattr(ctx, "sampler", ctx.scheduler))  # the same step rule samples and rescores
+        sampler = context_sampler(ctx)  # the same step rule samples and rescores
         rollout = self.collect(ctx, batches, sampler)
         adv, group_stats = self.local_advantages(ctx, rollout)
         st = self.train_epochs(ctx, rollout.trajectories, adv, sampler)
-        traj = rollout.trajectories
-
-        def mean(values: list[float]) -> float:
-            return sum(values) / max(len(values), 1)
-
-        return StepResult(
-            loss=mean(st.losses),
-            rewards=traj.rewards,
-            reward=traj.reward,
-            grad_norm=mean(st.norms),
-            updates=len(st.norms),
-            stats={
-                "approx_kl": mean(st.approx_kls),
-                "clipfrac": mean(st.clipfracs),
-                "kl": mean(st.kls),
-                "advantage_abs": float(adv.abs().mean()),
-                **group_stats,
-            },
-            images=rollout.images[-len(batches[-1].local) * self.cfg.group_size :],
-        )
+        images = rollout.images[-len(batches[-1].local) * self.cfg.group_size :]
+        return st.result(rollout.trajectories, adv, images, **group_stats)
 
 
 # ---------------------------------------------------------------------------------------- registry

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from diffalign.errors import DiffalignError
+from diffalign.paths import check_output_path
 from diffalign.reno.api import reno
 from diffalign.reno.core import RenoConfig, RenoResult
 from diffalign.reno.rewards import build_rewards, check_differentiable
@@ -60,6 +60,13 @@ def strip_image(strip: Sequence[tuple[int, torch.Tensor]], min_side: int = 96):
     return canvas
 
 
+_OUT_MESSAGES = {  # check_out_dir's wording (diffalign.paths.OUTPUT_MESSAGES otherwise)
+    "wrong_kind": "{what} {out} is an existing file, not a directory; {fix}",
+    "entry_not_dir": "{entry} is a file, but ReNO writes its results into a folder there; {fix}",
+    "entry_not_file": "{entry} is a directory, but ReNO writes a file there; {fix}",
+}
+
+
 @contextlib.contextmanager
 def _writing(where: Path) -> Iterator[None]:
     """Turn a failed write under ``where`` (disk full, permissions, a file in the way) into a one-line error."""
@@ -80,23 +87,15 @@ def check_out_dir(out: Path, dirs: Sequence[str] = ()) -> None:
 
     ``out`` must be a directory or creatable (no file at it or among its parents) and writable; the
     per-prompt folders ``dirs`` inside it and ``summary.jsonl`` must not be of the wrong kind.
-    Nothing is created or changed here.
+    Nothing is created or changed here (:func:`diffalign.paths.check_output_path`).
     """
-    fix = "choose another --out"
-    if out.exists() and not out.is_dir():
-        raise DiffalignError(f"--out {out} is an existing file, not a directory; {fix}")
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise DiffalignError(f"cannot create --out {out}: {existing} is a file, not a directory; {fix}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DiffalignError(f"cannot write --out {out}: {existing} is not writable by this user; {fix}")
-    for name in dirs:
-        if (out / name).exists() and not (out / name).is_dir():
-            raise DiffalignError(f"{out / name} is a file, but ReNO writes its results into a folder there; {fix}")
-    if (out / "summary.jsonl").is_dir():
-        raise DiffalignError(f"{out / 'summary.jsonl'} is a directory, but ReNO writes a file there; {fix}")
+    check_output_path(
+        out,
+        "--out",
+        "choose another --out",
+        entries={**dict.fromkeys(dirs, "dir"), "summary.jsonl": "file"},
+        messages=_OUT_MESSAGES,
+    )
 
 
 def result_dir_name(index: int, prompt: str) -> str:
