@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.rollouts import context_sampler
 from diffalign.sampling import sample_differentiable
 
 if TYPE_CHECKING:
@@ -86,7 +85,7 @@ class Evaluator:
         """
         out = []
         eta = self.sample.eta if self.cfg.eta is None else self.cfg.eta
-        sampler = context_sampler(ctx)
+        sampler = ctx.sampler
         for start in range(0, len(items), self.cfg.batch_size):
             chunk = items[start : start + self.cfg.batch_size]
             prompts = [self.prompts[i] for i, _ in chunk]

@@ -474,13 +474,14 @@ def _load_lora_file(pipe, file: Path, adapter_name: str) -> None:
     versions its release did not expect (see :func:`attach_text_encoder_lora`); doing that part with
     peft keeps our loader independent of it. The file is what ``pipe.load_lora_weights`` reads too.
     """
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     state = load_file(str(file))
     with safe_open(str(file), "pt") as f:
-        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        raw = (f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
     metadata = json.loads(raw) if raw else None
     unet_state = {k: v for k, v in state.items() if k.startswith("unet.")}
     type(pipe).load_lora_into_unet(

@@ -416,12 +416,6 @@ class Collected:
         )
 
 
-def context_sampler(ctx: StepContext) -> Sampler:
-    """The step rule that samples and rescores: ``ctx.sampler`` (or a :class:`Sampler` over a context's
-    bare ``ctx.scheduler``), through :func:`~diffalign.sampling.make_sampler`."""
-    return make_sampler(getattr(ctx, "sampler", ctx.scheduler))
-
-
 def collect(
     ctx: StepContext,
     prompts: list[str],
@@ -451,7 +445,7 @@ def collect(
         raise ValueError(f"need one group id per prompt: {n} prompts, {ids.numel()} ids")
     if pairs and n % 2:
         raise ValueError(f"pairs=True needs an even number of samples, got {n}")
-    sampler = make_sampler(sampler) if sampler is not None else context_sampler(ctx)
+    sampler = make_sampler(sampler) if sampler is not None else ctx.sampler
     with torch.no_grad():
         denoise = ctx.denoiser(prompts)
         if pairs:

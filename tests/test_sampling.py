@@ -420,7 +420,7 @@ def test_ddpo_runs_on_a_new_sampler_unchanged():
 
     class Ctx:
         sample = SampleConfig(steps=4, eta=1.0, guidance_scale=1.0, batch_size=4)
-        scheduler = FakeSampler(steps=4)
+        sampler = scheduler = FakeSampler(steps=4)
         generator = torch.Generator().manual_seed(0)
         rng = random.Random(0)
         checkpointing = False

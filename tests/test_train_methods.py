@@ -34,6 +34,7 @@ from diffalign.methods.reward_backprop import (
     reward_loss,
 )
 from diffalign.prompts import PromptSampler
+from diffalign.sampling import make_sampler
 
 EPS = 1e-4
 
@@ -146,6 +147,7 @@ class FakeCtx:
             beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False, steps_offset=1
         )
         self.scheduler.set_timesteps(steps)
+        self.sampler = make_sampler(self.scheduler)
         self.generator = torch.Generator().manual_seed(0)
         self.rng = random.Random(0)
         self.checkpointing = False

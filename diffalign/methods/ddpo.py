@@ -35,7 +35,7 @@ import torch
 from diffalign.errors import DiffalignError
 from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
 from diffalign.methods.registry import MethodEntry, register_method
-from diffalign.rollouts import Collected, Trajectories, collect, context_sampler
+from diffalign.rollouts import Collected, Trajectories, collect
 from diffalign.sampling import Sampler, denoise_step
 
 if TYPE_CHECKING:
@@ -303,7 +303,7 @@ class DDPO(Method):
         return stats
 
     def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
-        sampler = context_sampler(ctx)  # the same step rule samples and rescores
+        sampler = ctx.sampler  # the same step rule samples and rescores
         rollout = self.collect(ctx, batches, sampler)
         adv, per_prompt = self.local_advantages(ctx, rollout, batches)
         st = self.ppo_epochs(ctx, rollout.trajectories, adv, sampler)

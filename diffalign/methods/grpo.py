@@ -41,7 +41,6 @@ from diffalign.rollouts import (
     Collected,
     Trajectories,
     collect,
-    context_sampler,
     group_advantages,
     grouped_prompts,
     groups_on_one_process,
@@ -211,7 +210,7 @@ class GRPO(Method):
         return stats
 
     def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
-        sampler = context_sampler(ctx)  # the same step rule samples and rescores
+        sampler = ctx.sampler  # the same step rule samples and rescores
         rollout = self.collect(ctx, batches, sampler)
         adv, group_stats = self.local_advantages(ctx, rollout)
         st = self.train_epochs(ctx, rollout.trajectories, adv, sampler)
