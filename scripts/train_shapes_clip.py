@@ -48,6 +48,14 @@ MODEL_CFG = {
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
 }
+# ``--size small``: the ensemble members and the hackable proxy (about 1.9 MB each in fp16; most of it is
+# the 49,408-token embedding open_clip's tokenizer needs, hence the narrow text tower)
+SMALL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2},
+}
+SIZES = {"base": MODEL_CFG, "small": SMALL_CFG}
 PALETTE = [(c, s) for c in COLORS for s in SHAPES]  # every (color, shape) object
 
 
@@ -141,13 +149,15 @@ def finetune_three_objects(args, model, tokenizer, pool, specs) -> None:
     (AdamW lr 3e-4) on batches that are 1/4 random three-object scenes, with ``hard_negative(..., add_objects=True)``.
     Resumable from ``WORK/clip_ft.pt``.
     """
-    rng, g = random.Random(1), torch.Generator().manual_seed(1)
+    seed2 = 1 if args.seed == 0 else 1 + 7919 * args.seed
+    rng, g = random.Random(seed2), torch.Generator().manual_seed(seed2)
     three = [SceneSpec.from_objects([rng.choice(PALETTE) for _ in range(3)]) for _ in range(8000)]
     pool3_path = args.work / "pool3.pt"
     if not pool3_path.exists():
         images = torch.cat([render_batch(three[i : i + 1000], seed=9_000_000 + i) for i in range(0, 8000, 1000)])
         atomic_save({"images": (images * 255).byte()}, pool3_path)
     new_images = torch.load(pool3_path, weights_only=False)["images"]
+    allowed3 = subset_indices(len(three), args.subset, seed2)
     old_specs = [specs[i] for i in pool["idx"]]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05)
     ckpt, step = args.work / "clip_ft.pt", 0
@@ -157,8 +167,8 @@ def finetune_three_objects(args, model, tokenizer, pool, specs) -> None:
     b = args.batch
     n3 = b // 4
     while step < args.finetune_3obj:
-        s1 = torch.randint(0, len(old_specs), (b - n3,), generator=g)
-        s3 = torch.randint(0, len(three), (n3,), generator=g)
+        s1 = args.allowed[torch.randint(0, len(args.allowed), (b - n3,), generator=g)]
+        s3 = allowed3[torch.randint(0, len(allowed3), (n3,), generator=g)]
         images = torch.cat([pool["images"][s1], new_images[s3]]).float() / 255
         batch_specs = [old_specs[i] for i in s1.tolist()] + [three[i] for i in s3.tolist()]
         images = normalize(augment(images, g))
@@ -174,17 +184,25 @@ def finetune_three_objects(args, model, tokenizer, pool, specs) -> None:
             save_state(ckpt, model, opt, step, g, rng)
 
 
+def subset_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """The scenes a member trains on: all ``n`` (in order) for ``fraction == 1``, else a random
+    ``int(n * fraction)`` of them drawn with ``seed`` (ensemble members see different data)."""
+    if fraction >= 1.0:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))[: int(n * fraction)].sort().values
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
-def export(model: torch.nn.Module, out: Path) -> None:
+def export(model: torch.nn.Module, out: Path, model_cfg: dict) -> None:
     from safetensors.torch import save_file
 
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = {
-        "model_cfg": MODEL_CFG,
+        "model_cfg": model_cfg,
         "preprocess_cfg": {"mean": list(MEAN), "std": list(STD), "interpolation": "bicubic", "resize_mode": "shortest"},
     }
     (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=1))
@@ -217,35 +235,43 @@ def main(argv: list[str] | None = None) -> None:
         help="after stage 1, fine-tune this many steps with three-object scenes and add-one-object negatives "
         "(the shipped asset uses 300; see docs/training.md)",
     )
+    p.add_argument("--size", choices=sorted(SIZES), default="base", help="base: the shipped proxy; small: members")
+    p.add_argument("--seed", type=int, default=0, help="initialization and batch order (0: the shipped proxy's)")
+    p.add_argument("--subset", type=float, default=1.0, help="train on this fraction of the scenes (drawn by --seed)")
+    p.add_argument("--pool-path", type=Path, default=None, help="pre-rendered scenes to share (default WORK/pool.pt)")
     args = p.parse_args(argv)
+    if not 0.0 < args.subset <= 1.0:
+        p.error(f"--subset must be in (0, 1], got {args.subset}")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    open_clip.factory._MODEL_CONFIGS["shapes-clip"] = MODEL_CFG
+    torch.manual_seed(args.seed)
+    model_cfg = SIZES[args.size]
+    open_clip.factory._MODEL_CONFIGS["shapes-clip"] = model_cfg
     model = open_clip.create_model("shapes-clip")
     tokenizer = open_clip.get_tokenizer("shapes-clip")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     ckpt, step = args.work / "clip.pt", 0
-    g = torch.Generator().manual_seed(0)
-    rng = random.Random(0)
+    g = torch.Generator().manual_seed(args.seed)
+    rng = random.Random(args.seed)
     if ckpt.exists():
         step = load_state(ckpt, model, opt, g, rng)
-    pool_path = args.work / "pool.pt"
+    pool_path = args.pool_path or args.work / "pool.pt"
     if not pool_path.exists():
         specs = all_specs()
         idx = torch.randint(0, len(specs), (args.pool,), generator=torch.Generator().manual_seed(1)).tolist()
         chosen = [specs[i] for i in idx]
         images = torch.cat([render_batch(chosen[i : i + 1000], seed=7_000_000 + i) for i in range(0, args.pool, 1000)])
-        torch.save({"images": (images * 255).byte(), "idx": idx}, pool_path)
+        atomic_save({"images": (images * 255).byte(), "idx": idx}, pool_path)
     pool = torch.load(pool_path, weights_only=False)
     specs = all_specs()
+    args.allowed = subset_indices(len(pool["idx"]), args.subset, args.seed)
     log(
         args.work,
         f"clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, from step {step} to {args.steps}",
     )
     t0 = time.time()
     while step < args.steps:
-        sel = torch.randint(0, args.pool, (args.batch,), generator=g)
+        sel = args.allowed[torch.randint(0, len(args.allowed), (args.batch,), generator=g)]
         images = normalize(augment(pool["images"][sel].float() / 255, g))
         batch_specs = [specs[pool["idx"][i]] for i in sel.tolist()]
         captions = [s.caption() for s in batch_specs]
@@ -265,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.finetune_3obj:
         finetune_three_objects(args, model, tokenizer, pool, specs)
     if args.export:
-        export(model, args.export)
+        export(model, args.export, model_cfg)
         log(args.work, f"exported to {args.export}")
 
 
