@@ -108,6 +108,24 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     return path
 
 
+class FakeCombining:
+    """What a fake StepContext needs for ``reward.combine``: ``combine`` and ``reward_terms`` over its own
+    ``rewards()``, with ``combiner`` (default: the weighted sum of the rewards it returns, weight 1)."""
+
+    combiner = None
+
+    def combine(self, values, groups=None):
+        from diffalign.combine import build_combiner
+
+        if self.combiner is None:
+            self.combiner = build_combiner("weighted", list(values))
+        return self.combiner(values, groups)
+
+    def reward_terms(self, images, prompts):
+        _, parts = self.rewards(images, prompts)
+        return self.combine(parts), parts
+
+
 # ------------------------------------------------------------------------------ runs in subprocesses
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a training subprocess: one thread, ``tests/`` and the checkout importable

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from diffalign.combine import Combined
     from diffalign.config import SampleConfig, TrainConfig
     from diffalign.sampling import Denoiser, Sampler
 
@@ -44,7 +45,7 @@ class StepResult:
 
     loss: float
     rewards: dict[str, torch.Tensor]  # reward name -> [n] detached values of this process's samples
-    reward: torch.Tensor  # [n] combined (weighted) reward of the same samples
+    reward: torch.Tensor  # [n] combined reward signal of the same samples (reward.combine)
     grad_norm: float  # mean pre-clipping gradient norm over the optimizer updates of the step
     updates: int  # optimizer updates performed in the step
     stats: dict[str, float] = field(default_factory=dict)  # method diagnostics (averaged over processes)
@@ -64,7 +65,20 @@ class StepContext(Protocol):
     def denoiser(self, prompts: list[str]) -> Denoiser: ...
     def initial_latents(self, n: int) -> torch.Tensor: ...
     def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor: ...
-    def rewards(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def rewards(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The combined reward signal [B] and each reward's values (NaN-checked)."""
+        ...
+
+    def reward_terms(self, images: torch.Tensor, prompts: list[str]) -> tuple[Combined, dict[str, torch.Tensor]]:
+        """Each reward's values combined over this batch by ``reward.combine`` (signal, per-sample weights,
+        selection mask, stats; :class:`diffalign.combine.Combined`), and the values themselves."""
+        ...
+
+    def combine(self, values: dict[str, torch.Tensor], groups: torch.Tensor | None = None) -> Combined:
+        """``reward.combine`` over given per-reward values (e.g. gathered over processes); ``groups`` lets
+        a selecting combiner select within each group of one prompt's samples."""
+        ...
+
     def backward(self, loss: torch.Tensor) -> None: ...
     def optimizer_step(self) -> float: ...
     def gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
