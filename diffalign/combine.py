@@ -297,7 +297,10 @@ class ZScoreNormalizer:
     def __call__(self, vals: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self.mean is None or self.std is None:
             raise RuntimeError("the z-score normalizer is used before it was calibrated")
-        return [(v - m.to(v.device, v.dtype)) / s.to(v.device, v.dtype) for v, m, s in zip(vals, self.mean, self.std)]
+        return [
+            (v - m.to(v.device, v.dtype)) / s.to(v.device, v.dtype)
+            for v, m, s in zip(vals, self.mean, self.std, strict=True)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {"names": list(self.names), "mean": self.mean, "std": self.std, "count": self.count}
