@@ -47,6 +47,29 @@ class Darkness(Brightness):
         return -super().score(images, prompts)
 
 
+class Greenness(Reward):
+    """Differentiable: mean green intensity; conflicts partly with :class:`Brightness` (Pareto runs)."""
+
+    name = "greenness"
+    differentiable = True
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return images[:, 1].mean(dim=(1, 2))
+
+
+class Scaled(Brightness):
+    """``scale * Brightness + shift``: ensemble members of different scales (``train_fixtures:Scaled:scale=2``)."""
+
+    name = "scaled"
+
+    def __init__(self, scale: float = 1.0, shift: float = 0.0) -> None:
+        super().__init__()
+        self.scale, self.shift = float(scale), float(shift)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.scale * super().score(images, prompts) + self.shift
+
+
 class NanAfter(Reward):
     """Differentiable; returns NaN from its ``calls``-th call on (counting from 1)."""
 
