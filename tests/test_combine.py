@@ -17,8 +17,8 @@ from train_fixtures import assert_same_run, tiny_config, write_config
 
 from diffalign.cli import main
 from diffalign.combine import (
-    CombineOptions,
     Combined,
+    CombineOptions,
     ZScoreNormalizer,
     build_combiner,
     combiner_names,
