@@ -341,3 +341,34 @@ def test_calibrated_run_resumes_bit_for_bit(tmp_path, sd_dir, capsys):
     assert "resuming from" in printed and "calibration samples" not in printed
     assert_same_run(ref, out)
     assert any(m["reward"] != 0 for m in rows(out / "metrics.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------------ ReNO
+def test_reno_reward_loss_through_the_combiner():
+    from train_fixtures import Greenness, Scaled
+
+    from diffalign.reno.rewards import calibrate_combiner, make_reward_loss
+
+    rewards = [Scaled(scale=1.0), Scaled(scale=3.0, shift=1.0), Greenness()]
+    names = ["a", "b", "g"]
+    image = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    uwo = build_combiner("uwo", names, context="reno")
+    loss, raw = make_reward_loss(rewards, [1.0] * 3, names, "p", uwo)(image)
+    m = torch.tensor([raw[n] for n in names], dtype=torch.float32).reshape(3, 1)
+    assert loss.item() == pytest.approx(-uncertainty_weighted(m, 0.5).item(), rel=1e-5)  # lambda 0.5 in ReNO
+    assert torch.autograd.grad(loss, [image])[0].abs().sum() > 0
+    # z-scored members: calibrated on images of fresh noises of the (toy) generator, then used
+    zs = build_combiner("wco", names, options=CombineOptions(normalize="zscore", calibration_samples=6), context="reno")
+    z0 = torch.zeros(1, 48)
+    calibrate_combiner(zs, rewards, names, "p", lambda z: torch.sigmoid(z).reshape(1, 3, 4, 4), z0, 6, seed=1)
+    assert zs.normalizer.count == 6 and not zs.needs_calibration
+    loss, _ = make_reward_loss(rewards, [1.0] * 3, names, "p", zs)(image)
+    assert torch.isfinite(loss)
+
+
+def test_reno_cli_bad_combine_option_is_one_line(tmp_path, capsys):
+    args = ["reno", "--model", "missing-model-dir", "--prompt", "a red circle", "--out", str(tmp_path / "o")]
+    args += ["--reward", "train_fixtures:Brightness", "--combine", "uwo", "--combine-option", "lam=0.5"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown config key 'combine_options.lam'" in err and len(err.splitlines()) == 1
