@@ -131,16 +131,19 @@ class Rollout:
         return self.acc.gather(tensor.to(self.device).contiguous())
 
     # ------------------------------------------------------------------------ sampling
-    def denoiser(self, prompts: list[str]):
+    def denoiser(self, prompts: list[str], guidance_scale: float | None = None):
+        """``denoise(x, t)`` of the UNet for ``prompts``, with the sampling guidance (``sample.guidance_scale``)
+        or ``guidance_scale`` when given (1.0: the conditional prediction alone, as offline Diffusion-DPO trains)."""
         from diffalign.pipelines import encode_prompts
         from diffalign.sampling import make_denoiser
 
-        guide = self.sample.guidance_scale != 1.0
+        scale = self.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
+        guide = scale != 1.0
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.model.lora.text_encoder):
             cond = encode_prompts(self.pipe, prompts, self.sample.negative_prompt, guidance=guide)
         return make_denoiser(
             self.pipe.unet,
-            guidance_scale=self.sample.guidance_scale,
+            guidance_scale=scale,
             guidance_rescale=self.sample.guidance_rescale,
             **cond.denoiser_kwargs(),
         )
@@ -154,6 +157,13 @@ class Rollout:
         from diffalign.pipelines import decode
 
         return decode(self.pipe, latents, differentiable=differentiable, checkpoint=self.checkpointing)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> latents with the pipeline's VAE (the latent distribution's mean,
+        scaled as the sampler's latents; no gradient)."""
+        from diffalign.pipelines import encode
+
+        return encode(self.pipe, images.to(self.device))
 
     def prompt_keys(self, prompts: list[str]) -> list[str]:
         """Prompts as the tokenizer sees them (DDPO's stat-tracker keys, spec §2.2)."""
@@ -417,6 +427,7 @@ class Trainer:
             d.train, self.method.dataset_images, self.method.dataset_labels, check_images=d.check_images
         )
         check_batch_size(dataset, self.cfg.sample.batch_size, self.acc.num_processes)
+        self.method.check_dataset(dataset)  # the method's own checks of every record (one line naming file and line)
         return DatasetStream(dataset, self.cfg.train.seed, d.shuffle, d.image_size)
 
     def _configure_method(self) -> None:

@@ -62,7 +62,14 @@ class StepContext(Protocol):
     rng: random.Random  # for truncation draws and permutations (owned and checkpointed by the trainer)
     checkpointing: bool  # wrap every UNet call with gradient in activation checkpointing
 
-    def denoiser(self, prompts: list[str]) -> Denoiser: ...
+    def denoiser(self, prompts: list[str], guidance_scale: float | None = None) -> Denoiser:
+        """The UNet as ``denoise(x, t)`` for ``prompts``: with the sampling guidance, or ``guidance_scale``."""
+        ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE encode: images [B, 3, H, W] in [0, 1] -> latents (the distribution's mean; no gradient)."""
+        ...
+
     def initial_latents(self, n: int) -> torch.Tensor: ...
     def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor: ...
     def rewards(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -153,6 +160,12 @@ class Method:
 
     def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
         raise NotImplementedError
+
+    def check_dataset(self, dataset: Any) -> None:
+        """Check the records of ``data.train`` beyond the platform's checks (a method with ``uses_dataset``;
+        ``dataset`` is a :class:`diffalign.datasets.JsonlDataset`), before any model loads. Raise one-line
+        :class:`~diffalign.errors.DiffalignError` s naming the file and line. The default checks nothing."""
+        return None
 
     def configure(self, ctx: StepContext) -> None:
         """Build the modules and optimizers the method owns; called once, after the pipeline loads and
