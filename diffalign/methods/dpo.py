@@ -152,7 +152,6 @@ class DiffusionDPO(Method):
             signal, parts = ctx.rewards(images, list(last.local) + list(last.local))
         out = {k: sum(float(s[k]) for s in stats) / len(stats) for k in stats[0]}
         out["data_margin"] = float((signal[:b] - signal[b:]).float().mean())
-        out["latents_encoded"] = float(self.cache.encodes)
         return StepResult(
             loss=sum(losses) / len(losses),
             rewards={k: v[:b].detach() for k, v in parts.items()},
