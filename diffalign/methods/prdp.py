@@ -9,7 +9,8 @@ training reward. The reference's log-probs of every stored step are computed onc
 full-trajectory loss of :func:`diffalign.methods.prdp_loss.prdp_loss` over all T steps, by the exact
 two-pass gradient of spec §4.2:
 
-1. a no-grad pass recomputes ``logp_theta`` [N, T] of every stored transition;
+1. a no-grad pass recomputes ``logp_theta`` [N, T] of every stored transition (before the first update
+   theta = theta_old, so the log-probs stored at sampling time are used and this pass is skipped);
 2. the loss is evaluated on a detached copy ``l`` of it and ``G = dL/dl`` [N, T] by autograd (this is
    the spec's per-trajectory coefficient ``g_i / T``, zero on clipped steps and on the inactive branch of
    the max, with no hand-derived formula to get wrong);
@@ -156,8 +157,9 @@ class PRDP(Method):
         logp_old = traj.log_probs.float().cpu() * self.scale(traj)
         logp_ref = self.logprobs(ctx, traj, sampler, reference=True).cpu()
         losses, norms, stats = [], [], []
-        for _ in range(self.cfg.inner_epochs):
-            logp = self.logprobs(ctx, traj, sampler).cpu()
+        for epoch in range(self.cfg.inner_epochs):
+            # theta = theta_old before the first update: the sampling pass already gave these log-probs
+            logp = logp_old if epoch == 0 else self.logprobs(ctx, traj, sampler).cpu()
             loss, grad, st = loss_gradient(logp, logp_old, logp_ref, rewards, ids, self.cfg)
             self.backward_steps(ctx, traj, grad, sampler)
             norms.append(ctx.optimizer_step())
