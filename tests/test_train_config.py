@@ -56,7 +56,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["model.gradient_checkpointing=maybe"], "expects true or false, got maybe"),
         (
             ["train.method=alignprp"],
-            "must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, got 'alignprp'; did you mean 'alignprop'?",
+            "must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, prdp, d3po, d3po_human, dpo, got 'alignprp'; did you mean 'alignprop'?",
         ),
         (["train=3"], "config key 'train' is a section"),
         (["train.lr"], "must be written section.key=value"),

@@ -296,6 +296,11 @@ def validate_d3po(cfg: DiffalignConfig) -> None:
             f"{method} needs sample.eta > 0 (each step must be a Gaussian policy; log-probs are undefined for eta = 0); "
             "set sample.eta=1.0 (evaluate at eta 0 with eval.eta)"
         )
+    if method == "d3po_human" and s.num_batches != 1:
+        raise DiffalignError(
+            "sample.num_batches is for online methods; d3po_human trains sample.batch_size labelled pairs per step: "
+            "leave sample.num_batches at 1"
+        )
     pairs = s.batch_size * (s.num_batches if method == "d3po" else 1)
     what = "sample.batch_size x sample.num_batches" if method == "d3po" else "sample.batch_size"
     if pairs % d.train_batch_size:

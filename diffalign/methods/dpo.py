@@ -33,7 +33,7 @@ from diffalign.methods.dpo_loss import diffusion_dpo_loss
 from diffalign.methods.registry import MethodEntry, register_method
 
 if TYPE_CHECKING:
-    from diffalign.config import SampleConfig, TrainConfig
+    from diffalign.config import DiffalignConfig, SampleConfig, TrainConfig
 
 
 @dataclass
@@ -163,4 +163,13 @@ class DiffusionDPO(Method):
         )
 
 
-register_method(MethodEntry("dpo", DiffusionDPO, DiffusionDPOConfig, "dpo", False))
+def validate_dpo(cfg: DiffalignConfig) -> None:
+    """Diffusion-DPO: a step is train.gradient_accumulation_steps batches of sample.batch_size pairs."""
+    if cfg.sample.num_batches != 1:
+        raise DiffalignError(
+            "sample.num_batches is for online methods; dpo draws train.gradient_accumulation_steps batches of "
+            "sample.batch_size pairs per update: leave sample.num_batches at 1"
+        )
+
+
+register_method(MethodEntry("dpo", DiffusionDPO, DiffusionDPOConfig, "dpo", False, validate_dpo))
