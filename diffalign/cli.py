@@ -4,6 +4,8 @@
     diffalign score  --reward shapes_gold --images outputs/samples --prompts outputs/samples/prompts.jsonl --out scores.csv
     diffalign reno   --model assets/shapes-sd --prompt "two blue squares" --reward shapes_clip --out outputs/reno
     diffalign train  --config configs/shapes/draft_k.yaml        (the methods: diffalign train --help)
+    diffalign prefs  --model assets/shapes-sd --prompts shapes:train --reward shapes_gold:mode=correct --out data/prefs
+    diffalign label  --pairs data/pairs/pairs.jsonl --out data/pairs/labels.jsonl
 
 Errors the user can fix (a wrong path, an unknown reward, a bad option) print one line and exit 2.
 """
@@ -24,7 +26,7 @@ from diffalign.errors import DiffalignError
 from diffalign.paths import check_output_path
 
 # Subcommands living in their own modules, each exposing register(subparsers).
-_MODULES = ("diffalign.scoring", "diffalign.reno", "diffalign.train")
+_MODULES = ("diffalign.scoring", "diffalign.reno", "diffalign.train", "diffalign.prefs")
 
 PROMPTS_JSONL = "prompts.jsonl"
 GRID_PATH = Path("grid") / "grid.png"  # a subfolder: `diffalign score --images OUT` does not read it

@@ -29,6 +29,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from diffalign.combine import CombineOptions, check_options
 from diffalign.errors import DiffalignError
 from diffalign.methods.registry import (
     get_method,
@@ -120,11 +121,14 @@ class RewardConfig:
 
     rewards: list[str] = field(default_factory=lambda: ["shapes_clip"])  # NAME[:k=v,...] or pkg.module:Class
     weights: list[float] | None = None  # one per reward; none = each spec's weight= (default 1)
-    combine: Literal["weighted"] = "weighted"  # r = sum_i w_i r_i (diffalign.combine.weighted_sum)
+    # a registered combiner (diffalign.combine): weighted, zscore, pareto, ensemble_mean, wco, uwo, ctrlu
+    combine: str = "weighted"
+    combine_options: CombineOptions = field(default_factory=CombineOptions)  # each combiner reads its own
 
     def __post_init__(self) -> None:
         if not self.rewards:
             raise DiffalignError("reward.rewards is empty; name at least one reward, e.g. reward.rewards=[shapes_clip]")
+        check_options(self.combine, self.combine_options)  # unknown name or an option it does not read: one line
 
 
 @dataclass
@@ -467,7 +471,7 @@ def resolve_config_paths(
 # ------------------------------------------------------------------------------------ validation
 def validate(cfg: DiffalignConfig) -> None:
     """Cross-section checks; each message names the fix. Loads no model."""
-    from diffalign.combine import check_weights
+    from diffalign.combine import build_combiner, check_weights, reward_keys
     from diffalign.prompts import load_prompts
     from reward_models import RewardSpec, require_differentiable
     from reward_models.registry import reward_class
@@ -480,6 +484,9 @@ def validate(cfg: DiffalignConfig) -> None:
         if any(spec.raw.get("weight") is not None for spec in specs):
             raise DiffalignError("give reward weights either in the specs (weight=W) or in reward.weights, not both")
         check_weights([str(sp) for sp in specs], cfg.reward.weights)
+    keys = reward_keys(specs)  # distinct keys: two specs of one reward are told apart by their options
+    weights = cfg.reward.weights if cfg.reward.weights is not None else [s.weight for s in specs]
+    build_combiner(cfg.reward.combine, keys, weights, cfg.reward.combine_options)  # ensemble size, weights
     entry = get_method(method)  # the registry's entry: its reward requirement and its own checks
     if entry.needs_differentiable_reward:
         require_differentiable(specs, method)
@@ -527,6 +534,17 @@ def _validate_data(cfg: DiffalignConfig, method_cls: type) -> None:
             f"data.train is set but method {method!r} samples its own images from prompts.train; drop data.train, "
             "or choose a method that trains from a dataset"
         )
+
+
+def section_from_pairs(cls: type, pairs: list[str], prefix: str) -> Any:
+    """A config dataclass from ``key=value`` strings parsed by field type, as overrides are (for command
+    lines outside ``diffalign train``: ``diffalign reno --combine-option uwo_lambda=0.3``). An unknown key
+    or a bad value is a one-line :class:`DiffalignError` naming ``prefix.key``."""
+    data = {}
+    for item in pairs:
+        key, value = parse_override(item)
+        data[key] = _Raw(value)
+    return _build(cls, data, prefix.rstrip(".") + ".")
 
 
 # ---------------------------------------------------------------------------------- type coercion

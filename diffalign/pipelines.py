@@ -509,6 +509,15 @@ def _load_lora_file(pipe, file: Path, adapter_name: str) -> None:
         te.to(device=te.device, dtype=te.dtype)
 
 
+def encode(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] -> latents as the samplers see them, without gradient: the mean of the
+    VAE's latent distribution, ``(z - shift_factor) * scaling_factor`` (the inverse of :func:`decode`)."""
+    from diffalign.sampling import encode_images
+
+    with torch.no_grad():
+        return encode_images(pipe.vae, images)
+
+
 def decode(pipe, latents: torch.Tensor, differentiable: bool = False, checkpoint: bool = False) -> torch.Tensor:
     """Latents -> images [B, 3, H, W] in [0, 1] with the pipeline's VAE (with a graph if ``differentiable``)."""
     from diffalign.sampling import decode_latents

@@ -271,7 +271,7 @@ class Trajectories:
     prompt_keys  N strings      the key prompts are grouped / tracked by (DDPO: decoded tokenizer output)
     group_ids    [N] long       global group id of each sample (see :func:`grouped_prompts`)
     rewards      name -> [N]    each reward's values
-    reward       [N]            the combined (weighted) reward
+    reward       [N]            the combined reward signal (``reward.combine``)
     advantages   [N] or None    filled in by the method once computed over the gathered batch
     """
 
@@ -377,11 +377,15 @@ class Collected:
     """One rollout of a step (or several, concatenated): this process's trajectories and the gathered values.
 
     trajectories        this process's N samples (:class:`Trajectories` with ``rewards`` and ``reward`` set)
-    gathered_reward     [P*N] combined reward of all processes' samples (CPU), process order per batch
+    gathered_reward     [P*N] combined reward signal of all processes' samples (CPU), process order per batch
     gathered_group_ids  [P*N] the group id of each of them (CPU), same layout
     images              [N, 3, H, W] this process's decoded images in [0, 1]
     batches             how many sampling batches were concatenated (the layout of the gathered
                         tensors, see :func:`local_share`)
+    gathered_rewards    name -> [P*N] each reward's values, same layout
+    gathered_weights    [P*N] the combiner's per-sample weights (selection mask x weight), or None when
+                        every sample counts fully (:meth:`diffalign.combine.Combined.sample_weights`)
+    stats               the combiner's statistics (means over the concatenated batches)
     """
 
     trajectories: Trajectories
@@ -389,6 +393,9 @@ class Collected:
     gathered_group_ids: torch.Tensor
     images: torch.Tensor
     batches: int = 1
+    gathered_rewards: dict[str, torch.Tensor] = field(default_factory=dict)
+    gathered_weights: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_processes(self) -> int:
@@ -399,6 +406,14 @@ class Collected:
         """This process's rows of a tensor laid out like :attr:`gathered_reward` (e.g. advantages)."""
         return local_share(gathered, process_index, self.num_processes, self.batches)
 
+    def weighted_advantages(self, advantages: torch.Tensor) -> torch.Tensor:
+        """Gathered advantages [P*N] times the combiner's per-sample weights: a sample outside the
+        selected set (Parrot's P) gets advantage exactly 0, so it adds nothing to the policy gradient
+        (spec §8.6); Ctrl-U's exp(-U) scales a sample's advantage. Unchanged without weights."""
+        if self.gathered_weights is None:
+            return advantages
+        return advantages * self.gathered_weights.to(advantages.device, advantages.dtype)
+
     @classmethod
     def cat(cls, parts: Sequence[Collected]) -> Collected:
         """Concatenate the sampling batches of one step (equal sizes): trajectories and images along the
@@ -407,12 +422,24 @@ class Collected:
             raise ValueError("nothing to concatenate")
         if len({len(p.trajectories) for p in parts}) != 1 or len({p.gathered_reward.shape for p in parts}) != 1:
             raise ValueError("sampling batches of one step must have equal sizes")
+        weights = None
+        if any(p.gathered_weights is not None for p in parts):
+            weights = torch.cat(
+                [
+                    p.gathered_weights if p.gathered_weights is not None else torch.ones_like(p.gathered_reward)
+                    for p in parts
+                ]
+            )
+        keys = sorted({k for p in parts for k in p.stats})
         return cls(
             trajectories=Trajectories.cat([p.trajectories for p in parts]),
             gathered_reward=torch.cat([p.gathered_reward for p in parts]),
             gathered_group_ids=torch.cat([p.gathered_group_ids for p in parts]),
             images=torch.cat([p.images for p in parts]),
             batches=sum(p.batches for p in parts),
+            gathered_rewards={k: torch.cat([p.gathered_rewards[k] for p in parts]) for k in parts[0].gathered_rewards},
+            gathered_weights=weights,
+            stats={k: sum(p.stats.get(k, 0.0) for p in parts) / len(parts) for k in keys},
         )
 
 
@@ -424,6 +451,7 @@ def collect(
     *,
     pairs: bool = False,
     sampler: Sampler | None = None,
+    select_in_groups: bool = False,
 ) -> Collected:
     """Sample one batch of trajectories under theta_old and score them (spec §1.5, §2.3; no gradient).
 
@@ -433,8 +461,12 @@ def collect(
     2k, 2k+1 of a pair, which then differ only by their per-step noise, as D3PO samples pairs; spec
     §5.1), the chain :func:`~diffalign.sampling.sample_trajectory` with ``eta`` and ``ctx.generator``
     (latents x_T..x_0 and log pi_old per step, DDIM Eq. 12 / spec §1.2), ``ctx.decode`` of x_0,
-    ``ctx.rewards`` (combined and per reward), then ``ctx.gather`` of the combined rewards and of the
-    group ids (every process must call this collectively, with the same N).
+    ``ctx.reward_terms`` (each reward's values, NaN-checked), ``ctx.gather`` of each reward's values and
+    of the group ids (every process must call this collectively, with the same N), then ``ctx.combine``
+    of the gathered values (``reward.combine`` over the whole sampling batch of all processes; with
+    ``select_in_groups`` a selecting combiner selects within each group, as GRPO's groups of one
+    prompt). The combined signal (:meth:`~diffalign.combine.Combined.policy_signal`) is the samples'
+    ``reward``; the combiner's per-sample weights and statistics are kept on the :class:`Collected`.
 
     ``sampler`` defaults to ``ctx.sampler`` (the step rule that also rescores, spec §2.5). Prompt keys
     are ``ctx.prompt_keys(prompts)``. Returns a :class:`Collected` of this one batch.
@@ -454,9 +486,14 @@ def collect(
             x_T = ctx.initial_latents(n)
         traj = sample_trajectory(denoise, sampler, x_T, eta=eta, generator=ctx.generator)
         images = ctx.decode(traj.final)
-        reward, parts = ctx.rewards(images, prompts)
-        gathered_reward = ctx.gather(reward).cpu()
-        gathered_ids = ctx.gather(ids.to(reward.device)).cpu()
+        _, parts = ctx.reward_terms(images, prompts)
+        gathered_rewards = {k: ctx.gather(v.detach()).cpu() for k, v in parts.items()}
+        device = next(iter(parts.values())).device
+        gathered_ids = ctx.gather(ids.to(device)).cpu()
+        terms = ctx.combine(gathered_rewards, gathered_ids if select_in_groups else None)
+        gathered_reward = terms.policy_signal().detach()
+        selected = terms.weight is not None or terms.mask is not None
+        gathered_weights = terms.sample_weights() if selected else None
     trajectories = Trajectories(
         latents=traj.latents,
         log_probs=traj.log_probs,
@@ -465,6 +502,14 @@ def collect(
         prompt_keys=list(ctx.prompt_keys(prompts)),
         group_ids=ids,
         rewards=dict(parts),
-        reward=reward,
+        reward=local_share(gathered_reward, ctx.process_index, gathered_reward.shape[0] // max(n, 1)).to(device),
     )
-    return Collected(trajectories, gathered_reward, gathered_ids, images)
+    return Collected(
+        trajectories,
+        gathered_reward,
+        gathered_ids,
+        images,
+        gathered_rewards=gathered_rewards,
+        gathered_weights=gathered_weights,
+        stats=dict(terms.stats),
+    )

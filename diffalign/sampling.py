@@ -511,6 +511,15 @@ def sample_differentiable(
     return x, x0
 
 
+def encode_images(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """VAE encode of images in [0, 1] to scaled latents (the mean of the latent distribution, deterministic):
+    ``z = (mean(E(2x - 1)) - shift_factor) * scaling_factor``, the inverse of :func:`decode_latents`."""
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    dist = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist
+    return ((dist.mean - shift) * scale).float()
+
+
 def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
     """VAE decode to images in [0, 1] (differentiable unless called under no_grad)."""
     scale = vae.config.scaling_factor

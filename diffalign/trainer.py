@@ -52,7 +52,7 @@ from diffalign.checkpoint import (
     truncate_jsonl,
     write_fix,
 )
-from diffalign.combine import weighted_sum
+from diffalign.combine import Combined, build_combiner, reward_keys
 from diffalign.config import DiffalignConfig
 from diffalign.errors import DiffalignError
 from diffalign.methods import PromptBatch, StepResult, build_method
@@ -96,12 +96,6 @@ def average_gradients(acc: Any, params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
-def reward_keys(specs: list[Any]) -> list[str]:
-    """Metric names of rewards: the reward name, or the full spec when two share a name."""
-    names = [s.name for s in specs]
-    return [str(s) if names.count(s.name) > 1 else s.name for s in specs]
-
-
 class Rollout:
     """The :class:`diffalign.methods.StepContext` of this trainer: sampling, rewards, backward, updates."""
 
@@ -137,16 +131,19 @@ class Rollout:
         return self.acc.gather(tensor.to(self.device).contiguous())
 
     # ------------------------------------------------------------------------ sampling
-    def denoiser(self, prompts: list[str]):
+    def denoiser(self, prompts: list[str], guidance_scale: float | None = None):
+        """``denoise(x, t)`` of the UNet for ``prompts``, with the sampling guidance (``sample.guidance_scale``)
+        or ``guidance_scale`` when given (1.0: the conditional prediction alone, as offline Diffusion-DPO trains)."""
         from diffalign.pipelines import encode_prompts
         from diffalign.sampling import make_denoiser
 
-        guide = self.sample.guidance_scale != 1.0
+        scale = self.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
+        guide = scale != 1.0
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.model.lora.text_encoder):
             cond = encode_prompts(self.pipe, prompts, self.sample.negative_prompt, guidance=guide)
         return make_denoiser(
             self.pipe.unet,
-            guidance_scale=self.sample.guidance_scale,
+            guidance_scale=scale,
             guidance_rescale=self.sample.guidance_rescale,
             **cond.denoiser_kwargs(),
         )
@@ -160,6 +157,13 @@ class Rollout:
         from diffalign.pipelines import decode
 
         return decode(self.pipe, latents, differentiable=differentiable, checkpoint=self.checkpointing)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> latents with the pipeline's VAE (the latent distribution's mean,
+        scaled as the sampler's latents; no gradient)."""
+        from diffalign.pipelines import encode
+
+        return encode(self.pipe, images.to(self.device))
 
     def prompt_keys(self, prompts: list[str]) -> list[str]:
         """Prompts as the tokenizer sees them (DDPO's stat-tracker keys, spec §2.2)."""
@@ -209,14 +213,10 @@ class Rollout:
         return self.adapters_disabled(self.pipe)
 
     # ------------------------------------------------------------------------- rewards
-    def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Combined reward and per-reward values (no cross-process check: for evaluation)."""
+    def reward_values(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Every training reward's values ``{key: Tensor[B]}``, stopping every process with one line if any
+        reward is NaN or infinite anywhere."""
         parts = {k: r(images, prompts) for k, r in self.trainer.rewards.items()}
-        return weighted_sum(parts, self.trainer.reward_weights), parts
-
-    def rewards(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """:meth:`score`, stopping every process with one line if any reward is NaN or infinite anywhere."""
-        combined, parts = self.score(images, prompts)
         flags = torch.tensor([float(not torch.isfinite(v.detach()).all()) for v in parts.values()], device=self.device)
         if self.num_processes > 1:
             flags = self.acc.reduce(flags, reduction="sum")
@@ -226,7 +226,28 @@ class Rollout:
                 f"reward '{name}' returned NaN or inf at step {self.step}; training stopped before that update "
                 f"(no checkpoint of step {self.step} was written; the last checkpoint is intact)"
             )
-        return combined, parts
+        return parts
+
+    def combine(self, values: dict[str, torch.Tensor], groups: torch.Tensor | None = None) -> Combined:
+        """The run's combiner (``reward.combine``) over per-reward values of a batch (local or gathered;
+        ``groups``: the group id of each sample, for selection within groups)."""
+        return self.trainer.combiner(values, groups)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Combined reward signal and per-reward values (no cross-process check: for evaluation)."""
+        parts = {k: r(images, prompts) for k, r in self.trainer.rewards.items()}
+        return self.combine(parts).signal, parts
+
+    def reward_terms(self, images: torch.Tensor, prompts: list[str]) -> tuple[Combined, dict[str, torch.Tensor]]:
+        """:meth:`reward_values` (NaN-checked) combined over this batch: the :class:`Combined` (signal,
+        weights, mask, stats) and the per-reward values."""
+        parts = self.reward_values(images, prompts)
+        return self.combine(parts), parts
+
+    def rewards(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`reward_terms`' combined signal and the per-reward values."""
+        terms, parts = self.reward_terms(images, prompts)
+        return terms.signal, parts
 
     # ------------------------------------------------------------------------ updates
     def backward(self, loss: torch.Tensor) -> None:
@@ -373,8 +394,13 @@ class Trainer:
         specs = [RewardSpec.parse(s) for s in cfg.reward.rewards]
         self.rewards = dict(zip(reward_keys(specs), (get_reward(s, device=acc.device) for s in specs), strict=True))
         self.reward_weights = cfg.reward.weights if cfg.reward.weights is not None else [s.weight for s in specs]
+        self.combiner = build_combiner(
+            cfg.reward.combine, list(self.rewards), self.reward_weights, cfg.reward.combine_options
+        )
         held = [RewardSpec.parse(s) for s in cfg.eval.rewards]
-        heldout = dict(zip(reward_keys(held), (get_reward(s, device=acc.device) for s in held), strict=True))
+        heldout = dict(
+            zip(reward_keys(held, "eval.rewards"), (get_reward(s, device=acc.device) for s in held), strict=True)
+        )
         s_gen, s_rng = process_seeds(seed, acc.process_index)
         self.generator = torch.Generator().manual_seed(s_gen)
         self.rng = random.Random(s_rng)
@@ -401,6 +427,7 @@ class Trainer:
             d.train, self.method.dataset_images, self.method.dataset_labels, check_images=d.check_images
         )
         check_batch_size(dataset, self.cfg.sample.batch_size, self.acc.num_processes)
+        self.method.check_dataset(dataset)  # the method's own checks of every record (one line naming file and line)
         return DatasetStream(dataset, self.cfg.train.seed, d.shuffle, d.image_size)
 
     def _configure_method(self) -> None:
@@ -456,6 +483,7 @@ class Trainer:
             "eval_lines": self.eval_lines,
             "method_optimizers": {name: opt.state_dict() for name, opt in self.method_optimizers.items()},
             "data": self.data.state_dict() if self.data is not None else None,
+            "combiner": self.combiner.state_dict(),
         }
 
     def _save(self, step: int) -> None:
@@ -522,6 +550,7 @@ class Trainer:
                 self.acc.scaler.load_state_dict(st["scaler"])
             self.sampler.load_state_dict(st["sampler"])
             self._load_method_state(path, st)
+            self._load_combiner_state(path, st)
             self.method.load_state_dict(st["method"])
             self.evaluator.load_state_dict(st["evaluator"])
         except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as err:
@@ -566,6 +595,52 @@ class Trainer:
                     f"data.train); {fix}"
                 )
             self.data.load_state_dict(st["data"])
+
+    def _load_combiner_state(self, path: Path, st: dict[str, Any]) -> None:
+        """Restore the combiner's calibration statistics (exactly); a checkpoint without any is fine for a
+        stateless combiner only."""
+        saved = st.get("combiner")
+        if saved is None:
+            if self.combiner.normalizer is not None:
+                raise DiffalignError(
+                    f"checkpoint file {path / 'state.pt'} holds no calibration of reward.combine="
+                    f"{self.combiner.name} (written with another combiner); resume with the config of the run "
+                    "that wrote it"
+                )
+            return
+        self.combiner.load_state_dict(saved)
+
+    def _calibrate(self) -> None:
+        """Fit a stateful combiner's frozen statistics on samples of the initial policy (before step 1).
+
+        ``reward.combine_options.calibration_samples`` images over all processes (whole batches of
+        ``sample.batch_size`` prompts per process), sampled like training rollouts (``sample.eta``, the
+        sampling guidance) from prompts of ``prompts.train``, scored by every training reward and
+        gathered, so every process fits the same statistics. Its prompt stream and noise generator are
+        its own (seeded from ``train.seed``): the training run draws exactly what it would without it.
+        """
+        combiner, cfg, ctx = self.combiner, self.cfg, self.ctx
+        if not combiner.needs_calibration:
+            return
+        from diffalign.sampling import sample_trajectory
+
+        b, n_proc, i = cfg.sample.batch_size, self.acc.num_processes, self.acc.process_index
+        batches = math.ceil(cfg.reward.combine_options.calibration_samples / (b * n_proc))
+        s_gen, s_prompts = np.random.SeedSequence([cfg.train.seed, i, 0x63616C6962]).generate_state(2)
+        generator = torch.Generator().manual_seed(int(s_gen))
+        prompts = PromptSampler(load_prompts(cfg.prompts.train, "prompts.train"), int(s_prompts))
+        values: dict[str, list[torch.Tensor]] = {k: [] for k in self.rewards}
+        with torch.no_grad(), self.acc.autocast():
+            for _ in range(batches):
+                local = prompts.next(b)
+                x_T = ctx.initial_latents(b, generator=generator)
+                traj = sample_trajectory(ctx.denoiser(local), ctx.sampler, x_T, eta=cfg.sample.eta, generator=generator)
+                parts = ctx.reward_values(ctx.decode(traj.final), local)
+                for k, v in parts.items():
+                    values[k].append(ctx.gather(v.detach().float()).cpu())
+        combiner.calibrate({k: torch.cat(v) for k, v in values.items()})
+        if self.acc.is_main_process:
+            print(f"diffalign train: reward.combine={combiner.describe()}")
 
     # ---------------------------------------------------------------------- logging
     def _append(self, name: str, record: dict[str, Any]) -> None:
@@ -653,6 +728,7 @@ class Trainer:
                 cfg.save_yaml(self.out / "config.yaml")
                 append_run_info(self.out, num_processes=acc.num_processes, device=acc.device, resumed_from_step=start)
         if start == 0:
+            self._calibrate()
             self._evaluate(0)
         total = cfg.train.steps
         bar = tqdm(

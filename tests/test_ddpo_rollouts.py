@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from train_fixtures import FakeCombining
 
 from diffalign.config import SampleConfig, TrainConfig
 from diffalign.methods import PromptBatch
@@ -22,7 +23,7 @@ from diffalign.rollouts import Collected, collect, local_share
 from diffalign.sampling import make_sampler
 
 
-class FakeCtx:
+class FakeCtx(FakeCombining):
     """A StepContext over a toy network ``denoise(x, t) = (w + lora) * x`` (``lora`` is the trainable
     "adapter", 0 at init; ``reference()`` drops it), ``decode = sigmoid``, rewards from ``reward_fn``.
 

@@ -20,6 +20,7 @@ from test_ddpo_rollouts import FakeCtx
 from train_fixtures import Brightness, launch_two_processes, tiny_config, write_config
 
 from diffalign.cli import main
+from diffalign.combine import build_combiner
 from diffalign.config import DiffalignConfig, SampleConfig, TrainConfig
 from diffalign.errors import DiffalignError
 from diffalign.methods import PromptBatch, build_method
@@ -141,6 +142,7 @@ def pipe_rollout(sd_dir, text_encoder: bool = False, steps: int = 3, batch_size:
         rng=random.Random(0),
         rewards={"brightness": Brightness()},
         reward_weights=[1.0],
+        combiner=build_combiner("weighted", ["brightness"]),
         params=params,
     )
     ctx = Rollout(trainer)

@@ -96,13 +96,14 @@ def test_plugin_import_failure_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_unknown_method_lists_registered_names(tmp_path, toy):
     assert one_line_error(tmp_path, overrides=["train.method=tooy"]) == (
-        "config key 'train.method' must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, toy, got 'tooy'; "
+        "config key 'train.method' must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, prdp, d3po, "
+        "d3po_human, dpo, toy, got 'tooy'; "
         "did you mean 'toy'?"
     )
     assert "plugins: [module]" in one_line_error(tmp_path, overrides=["train.method=zzz_method"])
     # unknown sections: the registered ones (a plug-in's included) are the known ones
     assert "did you mean 'toy'?" in one_line_error(tmp_path, {**BASE, "tooy": {"scale": 1}})
-    assert re.search(r"sections are .*ddpo, draft, .*toy, train", one_line_error(tmp_path, {**BASE, "zzzz": {}}))
+    assert re.search(r"sections are .*ddpo, dpo, draft, .*toy, train", one_line_error(tmp_path, {**BASE, "zzzz": {}}))
     assert "did you mean 'toy.scale'?" in one_line_error(tmp_path, overrides=["toy.scal=2"])
 
 
@@ -147,7 +148,11 @@ def test_draft_methods_share_one_section(tmp_path):
     assert cfg.method_config is cfg.draft is cfg.methods["draft"] and cfg.draft.n_lv == 3 and cfg.draft.k == 2
     cfg.train.method = "draft_k"
     assert cfg.method_config is cfg.draft  # the other draft method reads the same section
-    assert set(cfg.methods) == set(method_sections()) == {"alignprop", "draft", "refl", "ddpo", "grpo"}
+    assert (
+        set(cfg.methods)
+        == set(method_sections())
+        == {"alignprop", "draft", "refl", "ddpo", "grpo", "prdp", "d3po", "dpo"}
+    )
     assert cfg.to_dict()["draft"]["n_lv"] == 3 and "alignprop" not in cfg.to_dict()
 
 

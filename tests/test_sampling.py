@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from train_fixtures import FakeCombining
 
 from diffalign import sampling
 from diffalign.errors import DiffalignError
@@ -418,7 +419,7 @@ def test_ddpo_runs_on_a_new_sampler_unchanged():
 
     w = torch.nn.Parameter(torch.tensor(0.3))
 
-    class Ctx:
+    class Ctx(FakeCombining):
         sample = SampleConfig(steps=4, eta=1.0, guidance_scale=1.0, batch_size=4)
         sampler = scheduler = FakeSampler(steps=4)
         generator = torch.Generator().manual_seed(0)

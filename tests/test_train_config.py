@@ -56,7 +56,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["model.gradient_checkpointing=maybe"], "expects true or false, got maybe"),
         (
             ["train.method=alignprp"],
-            "must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, got 'alignprp'; did you mean 'alignprop'?",
+            "must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, prdp, d3po, d3po_human, dpo, got 'alignprp'; did you mean 'alignprop'?",
         ),
         (["train=3"], "config key 'train' is a section"),
         (["train.lr"], "must be written section.key=value"),
@@ -110,23 +110,31 @@ def test_file_errors(tmp_path):
         DiffalignConfig.from_yaml(tmp_path / "list.yaml")
 
 
-def test_shipped_configs_load():
-    from pathlib import Path
+def dataset_override(path, tmp_path) -> list[str]:
+    """A shipped config of a dataset method names a file that ``diffalign prefs`` writes: stand one in."""
+    data = yaml.safe_load(Path(path).read_text()).get("data")
+    if not data:
+        return []
+    stand_in = tmp_path / "stand_in.jsonl"
+    stand_in.write_text('{"prompt": "a red circle"}\n')
+    return [f"data.train={stand_in}"]
 
+
+def test_shipped_configs_load(tmp_path):
     files = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
     assert len(files) >= 8
     methods = set()
     for f in files:
-        cfg = DiffalignConfig.from_yaml(f)
+        cfg = DiffalignConfig.from_yaml(f, dataset_override(f, tmp_path))
         methods.add(cfg.train.method)
         if "shapes" in f.parts:
             assert cfg.model.pretrained == "assets/shapes-sd" and cfg.reward.rewards == ["shapes_clip"]
             assert cfg.eval.gold == "auto" and cfg.prompts.eval == "shapes:heldout"
-    assert methods == {"alignprop", "draft_k", "draft_lv", "refl", "ddpo", "grpo"}
+    assert methods == {"alignprop", "draft_k", "draft_lv", "refl", "ddpo", "grpo", "prdp", "d3po", "dpo"}
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("configs/*/*.yaml")), ids=str)
-def test_every_shipped_config_loads_and_validates(path):
+def test_every_shipped_config_loads_and_validates(path, tmp_path):
     """The GPU recipes never ran on a GPU here, but each one parses and passes validation on CPU."""
-    cfg = DiffalignConfig.from_yaml(str(path))
+    cfg = DiffalignConfig.from_yaml(str(path), dataset_override(path, tmp_path))
     assert cfg.train.method in path.read_text()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from train_fixtures import FakeCombining
 
 from diffalign.combine import weighted_sum
 from diffalign.config import SampleConfig, TrainConfig
@@ -138,7 +139,7 @@ def test_weighted_sum_checks_weight_count():
 
 
 # ------------------------------------------------------------------------- truncation via the sampler
-class FakeCtx:
+class FakeCtx(FakeCombining):
     """A StepContext over a toy model: denoise(x, t) = w * x; decode = sigmoid; reward = mean pixel."""
 
     def __init__(self, steps: int = 6, eta: float = 0.0, reward_scale: float = 1.0) -> None:

@@ -47,6 +47,29 @@ class Darkness(Brightness):
         return -super().score(images, prompts)
 
 
+class Greenness(Reward):
+    """Differentiable: mean green intensity; conflicts partly with :class:`Brightness` (Pareto runs)."""
+
+    name = "greenness"
+    differentiable = True
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return images[:, 1].mean(dim=(1, 2))
+
+
+class Scaled(Brightness):
+    """``scale * Brightness + shift``: ensemble members of different scales (``train_fixtures:Scaled:scale=2``)."""
+
+    name = "scaled"
+
+    def __init__(self, scale: float = 1.0, shift: float = 0.0) -> None:
+        super().__init__()
+        self.scale, self.shift = float(scale), float(shift)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.scale * super().score(images, prompts) + self.shift
+
+
 class NanAfter(Reward):
     """Differentiable; returns NaN from its ``calls``-th call on (counting from 1)."""
 
@@ -106,6 +129,24 @@ def tiny_config(sd_dir: Path, out: Path, method: str = "alignprop", **sections: 
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+class FakeCombining:
+    """What a fake StepContext needs for ``reward.combine``: ``combine`` and ``reward_terms`` over its own
+    ``rewards()``, with ``combiner`` (default: the weighted sum of the rewards it returns, weight 1)."""
+
+    combiner = None
+
+    def combine(self, values, groups=None):
+        from diffalign.combine import build_combiner
+
+        if self.combiner is None:
+            self.combiner = build_combiner("weighted", list(values))
+        return self.combiner(values, groups)
+
+    def reward_terms(self, images, prompts):
+        _, parts = self.rewards(images, prompts)
+        return self.combine(parts), parts
 
 
 # ------------------------------------------------------------------------------ runs in subprocesses

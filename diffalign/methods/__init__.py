@@ -24,6 +24,9 @@ from diffalign.methods.registry import (
 from diffalign.methods import reward_backprop as _reward_backprop  # noqa: F401  # isort: skip
 from diffalign.methods import ddpo as _ddpo  # noqa: F401  # isort: skip
 from diffalign.methods import grpo as _grpo  # noqa: F401  # isort: skip
+from diffalign.methods import prdp as _prdp  # noqa: F401  # isort: skip
+from diffalign.methods import d3po as _d3po  # noqa: F401  # isort: skip
+from diffalign.methods import dpo as _dpo  # noqa: F401  # isort: skip
 
 
 def method_class(name: str) -> type[Method]:

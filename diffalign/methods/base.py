@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from diffalign.combine import Combined
     from diffalign.config import SampleConfig, TrainConfig
     from diffalign.sampling import Denoiser, Sampler
 
@@ -44,7 +45,7 @@ class StepResult:
 
     loss: float
     rewards: dict[str, torch.Tensor]  # reward name -> [n] detached values of this process's samples
-    reward: torch.Tensor  # [n] combined (weighted) reward of the same samples
+    reward: torch.Tensor  # [n] combined reward signal of the same samples (reward.combine)
     grad_norm: float  # mean pre-clipping gradient norm over the optimizer updates of the step
     updates: int  # optimizer updates performed in the step
     stats: dict[str, float] = field(default_factory=dict)  # method diagnostics (averaged over processes)
@@ -61,10 +62,30 @@ class StepContext(Protocol):
     rng: random.Random  # for truncation draws and permutations (owned and checkpointed by the trainer)
     checkpointing: bool  # wrap every UNet call with gradient in activation checkpointing
 
-    def denoiser(self, prompts: list[str]) -> Denoiser: ...
+    def denoiser(self, prompts: list[str], guidance_scale: float | None = None) -> Denoiser:
+        """The UNet as ``denoise(x, t)`` for ``prompts``: with the sampling guidance, or ``guidance_scale``."""
+        ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE encode: images [B, 3, H, W] in [0, 1] -> latents (the distribution's mean; no gradient)."""
+        ...
+
     def initial_latents(self, n: int) -> torch.Tensor: ...
     def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor: ...
-    def rewards(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def rewards(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The combined reward signal [B] and each reward's values (NaN-checked)."""
+        ...
+
+    def reward_terms(self, images: torch.Tensor, prompts: list[str]) -> tuple[Combined, dict[str, torch.Tensor]]:
+        """Each reward's values combined over this batch by ``reward.combine`` (signal, per-sample weights,
+        selection mask, stats; :class:`diffalign.combine.Combined`), and the values themselves."""
+        ...
+
+    def combine(self, values: dict[str, torch.Tensor], groups: torch.Tensor | None = None) -> Combined:
+        """``reward.combine`` over given per-reward values (e.g. gathered over processes); ``groups`` lets
+        a selecting combiner select within each group of one prompt's samples."""
+        ...
+
     def backward(self, loss: torch.Tensor) -> None: ...
     def optimizer_step(self) -> float: ...
     def gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
@@ -139,6 +160,12 @@ class Method:
 
     def step(self, ctx: StepContext, batches: list[PromptBatch]) -> StepResult:
         raise NotImplementedError
+
+    def check_dataset(self, dataset: Any) -> None:
+        """Check the records of ``data.train`` beyond the platform's checks (a method with ``uses_dataset``;
+        ``dataset`` is a :class:`diffalign.datasets.JsonlDataset`), before any model loads. Raise one-line
+        :class:`~diffalign.errors.DiffalignError` s naming the file and line. The default checks nothing."""
+        return None
 
     def configure(self, ctx: StepContext) -> None:
         """Build the modules and optimizers the method owns; called once, after the pipeline loads and

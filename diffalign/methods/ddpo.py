@@ -267,11 +267,13 @@ class DDPO(Method):
         """This process's clipped advantages [N] (spec §2.2) and the fraction normalized per prompt.
 
         The advantages are computed on the gathered rewards of every process, keyed by the global
-        prompts (``batch.everyone`` of each batch, as the tokenizer sees them), then the rows of this
-        process are taken back out (:func:`diffalign.rollouts.local_share`)."""
+        prompts (``batch.everyone`` of each batch, as the tokenizer sees them), multiplied by the
+        combiner's per-sample weights (:meth:`~diffalign.rollouts.Collected.weighted_advantages`: 0
+        outside a Pareto selection), then the rows of this process are taken back out
+        (:func:`diffalign.rollouts.local_share`)."""
         everyone = [p for batch in batches for p in batch.everyone]
         adv_all, per_prompt = self.advantages(ctx.prompt_keys(everyone), rollout.gathered_reward)
-        adv = rollout.local(adv_all, ctx.process_index)
+        adv = rollout.local(rollout.weighted_advantages(adv_all), ctx.process_index)  # 0 outside a selection
         return adv.to(rollout.trajectories.latents.device), per_prompt
 
     # 3. PPO updates over stored transitions
@@ -308,7 +310,7 @@ class DDPO(Method):
         adv, per_prompt = self.local_advantages(ctx, rollout, batches)
         st = self.ppo_epochs(ctx, rollout.trajectories, adv, sampler)
         images = rollout.images[-len(batches[-1].local) :]  # the last sampling batch's images
-        return st.result(rollout.trajectories, adv, images, per_prompt_fraction=per_prompt)
+        return st.result(rollout.trajectories, adv, images, per_prompt_fraction=per_prompt, **rollout.stats)
 
     def state_dict(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state_dict()}

@@ -148,7 +148,8 @@ class GRPO(Method):
             prompts, ids = grouped_prompts(batch.everyone, g, n_proc, ctx.process_index)
             if prompts[::g] != list(batch.local):
                 raise RuntimeError("batch.local is not this process's contiguous slice of batch.everyone")
-            parts.append(collect(ctx, prompts, [offset + i for i in ids], self.sample.eta, sampler=sampler))
+            ids = [offset + i for i in ids]
+            parts.append(collect(ctx, prompts, ids, self.sample.eta, sampler=sampler, select_in_groups=True))
             offset += len(batch.everyone)
         return Collected.cat(parts)
 
@@ -160,6 +161,7 @@ class GRPO(Method):
             raise RuntimeError("a GRPO group straddles processes; its samples must come from one process")
         adv_all = group_advantages(rewards.double(), ids, std=self.cfg.adv_std).float()
         adv_all = torch.clamp(adv_all, -self.cfg.adv_clip_max, self.cfg.adv_clip_max)
+        adv_all = rollout.weighted_advantages(adv_all)  # 0 outside a Pareto selection (within each group)
         adv = rollout.local(adv_all, ctx.process_index).to(rollout.trajectories.latents.device)
         return adv, {"zero_std_fraction": zero_std_fraction(rewards, ids)}
 
@@ -215,7 +217,7 @@ class GRPO(Method):
         adv, group_stats = self.local_advantages(ctx, rollout)
         st = self.train_epochs(ctx, rollout.trajectories, adv, sampler)
         images = rollout.images[-len(batches[-1].local) * self.cfg.group_size :]
-        return st.result(rollout.trajectories, adv, images, **group_stats)
+        return st.result(rollout.trajectories, adv, images, **group_stats, **rollout.stats)
 
 
 # ---------------------------------------------------------------------------------------- registry

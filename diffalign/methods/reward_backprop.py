@@ -12,8 +12,10 @@ through the sampler; they differ only in which sampler steps carry gradient:
                                   with gradient; the reward is taken on the step's predicted x0 (Eq. 7)
 
 Reward losses (per sample, minimized): ``neg`` = -r, ``abs_target`` = |r - target| (AlignProp's
-aesthetic loss), ``hinge`` = max(0, target - r) (ReFL's ReLU(2 - r)). The loss of a batch is
-``loss_coeff * mean(L)`` (``grad_scale`` for ReFL); one optimizer step per training step after
+aesthetic loss), ``hinge`` = max(0, target - r) (ReFL's ReLU(2 - r)), with r the combined signal of
+``reward.combine``. The loss of a batch is ``loss_coeff * mean(L)`` (``grad_scale`` for ReFL), the mean
+taken by :meth:`diffalign.combine.Combined.mean_loss`: over the selected samples only (Pareto), each
+weighted (Ctrl-U's exp(-U)); one optimizer step per training step after
 ``train.gradient_accumulation_steps`` micro-batches.
 """
 
@@ -156,13 +158,14 @@ class RewardBackprop(Method):
         images = None
         for batch in batches:
             images, prompts, stats = self.images(ctx, batch.local)
-            r, parts = ctx.rewards(images, prompts)
-            loss = self.coeff * reward_loss(r, self.loss_form, self.target).mean()
+            terms, parts = ctx.reward_terms(images, prompts)  # combined over this micro-batch (reward.combine)
+            # mean over the selected samples of w_i * L(r_i) (+ a combiner's penalty): zero gradient outside P
+            loss = self.coeff * terms.mean_loss(reward_loss(terms.signal, self.loss_form, self.target))
             ctx.backward(loss / len(batches))
             losses.append(float(loss.detach()))
             parts_all.append({k: v.detach() for k, v in parts.items()})
-            combined.append(r.detach())
-            stats_all.append(stats)
+            combined.append(terms.signal.detach())
+            stats_all.append(stats | terms.stats)
         grad_norm = ctx.optimizer_step()
         keys = stats_all[0].keys()
         return StepResult(

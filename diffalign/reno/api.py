@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from diffalign.combine import CombineOptions, build_combiner
 from diffalign.errors import DiffalignError
 from diffalign.reno.core import RenoConfig, RenoResult, optimize_noise
 from diffalign.reno.generator import ensure_lora, initial_noise, make_generator
-from diffalign.reno.rewards import RewardLike, build_rewards, make_reward_loss
+from diffalign.reno.rewards import RewardLike, build_rewards, calibrate_combiner, make_reward_loss
 
 
 def reno(
@@ -26,6 +27,8 @@ def reno(
     lora: str | Path | None = None,
     latents: torch.Tensor | None = None,
     progress: bool = False,
+    combine: str = "weighted",
+    combine_options: CombineOptions | None = None,
 ) -> RenoResult:
     """Optimize the initial noise of ``pipe`` for ``prompt`` against ``rewards`` (ReNO's loop, spec §7.2).
 
@@ -43,6 +46,12 @@ def reno(
         latents: initial noise ``z`` ``[1, C, h, w]`` in standard-Gaussian units; default drawn from
             ``cfg.seed`` exactly as the diffusers pipeline draws it.
         progress: show a tqdm bar with the live reward values.
+        combine: the combiner of the rewards (:mod:`diffalign.combine`, as ``reward.combine`` in
+            training): ``weighted`` (``L_R = -sum_i w_i r_i``), ``uwo`` / ``wco`` / ``ensemble_mean`` over an
+            ensemble, ``ctrlu``, ``zscore``, ... (``pareto`` of one image keeps it: a weighted sum).
+        combine_options: its :class:`~diffalign.combine.CombineOptions` (UWO's lambda defaults to 0.5
+            here); z-scoring combiners calibrate on ``calibration_samples`` images of fresh noises for the
+            prompt before the loop.
 
     Returns a :class:`RenoResult`; the best image minimizes ``L_R`` (the regularizer excluded) over
     all ``cfg.iters`` generated images, iteration 0 (the base sample) included.
@@ -52,8 +61,11 @@ def reno(
         raise DiffalignError("reno: the prompt is empty; pass some text")
     device = pipe.unet.device
     built, weights, names = build_rewards(rewards, weights, device)
+    combiner = build_combiner(combine, names, weights, combine_options, context="reno")
     ensure_lora(pipe, lora)
     generate = make_generator(pipe, prompt, cfg)
     z0 = initial_noise(pipe, cfg) if latents is None else latents.detach().to(device=device, dtype=torch.float32)
-    reward_loss = make_reward_loss(built, weights, names, prompt)
+    samples = combiner.options.calibration_samples
+    calibrate_combiner(combiner, built, names, prompt, generate, z0, samples, cfg.seed + 1)
+    reward_loss = make_reward_loss(built, weights, names, prompt, combiner)
     return optimize_noise(generate, reward_loss, z0, cfg, prompt=prompt, progress=progress)

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from diffalign.combine import CombineOptions, build_combiner, combiner_names
+from diffalign.config import section_from_pairs
 from diffalign.errors import DiffalignError
 from diffalign.paths import check_output_path
 from diffalign.reno.api import reno
@@ -163,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     )
     specs = [RewardSpec.parse(s) for s in args.reward]
     check_differentiable(specs)  # before loading anything
+    combine_options = section_from_pairs(CombineOptions, args.combine_option or [], "combine_options")
+    positions = [f"reward{i}" for i in range(len(specs))]  # the combiner's checks need the count and the weights
+    build_combiner(args.combine, positions, [s.weight for s in specs], combine_options, context="reno")
     if args.lora:
         lora_rank(args.lora)  # a missing or damaged LoRA file fails here, before the model loads
     try:
@@ -175,7 +180,17 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, prompt in enumerate(prompts):
-        result = reno(pipe, prompt, rewards, weights, cfg, lora=args.lora, progress=True)
+        result = reno(
+            pipe,
+            prompt,
+            rewards,
+            weights,
+            cfg,
+            lora=args.lora,
+            progress=True,
+            combine=args.combine,
+            combine_options=combine_options,
+        )
         out_dir = save_result(result, out / result_dir_name(i, prompt))
         rows.append(summary_row(i, result, out_dir))
         gains = ", ".join(f"{n} {result.initial_rewards[n]:.4g} -> {result.best_rewards[n]:.4g}" for n in names)
@@ -208,6 +223,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         required=True,
         metavar="NAME[:key=value,...,weight=W]",
         help="a differentiable reward spec; repeat for several (weights via weight=W, default 1)",
+    )
+    p.add_argument(
+        "--combine",
+        default="weighted",
+        choices=combiner_names(),
+        help="how the rewards combine (docs/training.md, 'Combining rewards'; default weighted: sum_i w_i r_i)",
+    )
+    p.add_argument(
+        "--combine-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the combiner (reward.combine_options in training), e.g. uwo_lambda=0.5; repeatable",
     )
     p.add_argument(
         "--iters", type=int, default=d.iters, help=f"iterations (iters - 1 optimizer steps; default {d.iters})"

@@ -4,19 +4,25 @@
 
 ReNO writes each reward loss with a constant offset (``1 - s_HPS``, ``100 - CLIP logit``, ...);
 constants do not change gradients or the arg-min, so here ``l_i`` is simply the negated reward and
-reward weights are per reward (``--reward NAME,weight=W``).
+reward weights are per reward (``--reward NAME,weight=W``). With another combiner
+(:mod:`diffalign.combine`, the layer training uses too) ``L_R = -w r + penalty`` for the combined
+signal ``r`` of the one image (its weight ``w``: Ctrl-U's exp(-U); penalty: its +U term): e.g. UWO over an
+ensemble of proxies, ``-(mean_i r_i - lambda Var_i r_i)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffalign.errors import DiffalignError
 from diffalign.reno.core import RewardLoss
+
+if TYPE_CHECKING:
+    from diffalign.combine import Combiner
 
 RewardLike = Any  # a reward_models.Reward, or any module/callable with `differentiable` and `name`
 
@@ -68,18 +74,55 @@ def build_rewards(
 
 
 def make_reward_loss(
-    rewards: Sequence[RewardLike], weights: Sequence[float], names: Sequence[str], prompt: str
+    rewards: Sequence[RewardLike],
+    weights: Sequence[float],
+    names: Sequence[str],
+    prompt: str,
+    combiner: Combiner | None = None,
 ) -> RewardLoss:
     """``images [1, 3, H, W] -> (L_R, {name: r_i})`` for :func:`diffalign.reno.core.optimize_noise`.
 
-    ``L_R = -sum_i w_i r_i(images, [prompt])`` (a 0-dim tensor, differentiable in the images); the
-    dict holds the raw (unweighted) reward values as floats. ``rewards``, ``weights`` and ``names``
-    as :func:`build_rewards` returns them.
+    ``L_R = -sum_i w_i r_i(images, [prompt])`` (a 0-dim tensor, differentiable in the images) with the
+    default weighted combiner; with ``combiner`` (:func:`diffalign.combine.build_combiner`, ``context="reno"``)
+    ``L_R`` is :meth:`~diffalign.combine.Combined.mean_loss` of ``-signal`` for the one image. The dict
+    holds the raw (unweighted) reward values as floats. ``rewards``, ``weights`` and ``names`` as
+    :func:`build_rewards` returns them.
     """
+    from diffalign.combine import build_combiner
+
+    if combiner is None:
+        combiner = build_combiner("weighted", names, weights, context="reno")
 
     def reward_loss(images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        values = [r(images, [prompt]).reshape(-1)[0] for r in rewards]
-        loss_reward = sum((-w * v for w, v in zip(weights, values, strict=True)), torch.zeros((), device=images.device))
-        return loss_reward, {n: float(v.detach()) for n, v in zip(names, values, strict=True)}
+        values = [r(images, [prompt]).reshape(-1)[:1] for r in rewards]
+        terms = combiner(dict(zip(names, values, strict=True)))
+        loss_reward = terms.mean_loss(-terms.signal)
+        return loss_reward, {n: float(v.detach()[0]) for n, v in zip(names, values, strict=True)}
 
     return reward_loss
+
+
+def calibrate_combiner(
+    combiner: Combiner,
+    rewards: Sequence[RewardLike],
+    names: Sequence[str],
+    prompt: str,
+    generate: Callable[[torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    samples: int,
+    seed: int,
+) -> None:
+    """Fit a stateful combiner's z-score statistics on ``samples`` images of the frozen generator from
+    fresh noises (``seed``-derived, independent of ``z0``'s) for ``prompt``, without gradients: ReNO's
+    calibration set, the initial "policy" of this prompt (spec §9.2). A no-op for stateless combiners."""
+    if not combiner.needs_calibration:
+        return
+    g = torch.Generator().manual_seed(int(seed))
+    values: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    with torch.no_grad():
+        for _ in range(samples):
+            z = torch.randn(z0.shape, generator=g, dtype=torch.float32).to(z0.device)
+            images = generate(z)
+            for n, r in zip(names, rewards, strict=True):
+                values[n].append(r(images, [prompt]).reshape(-1)[:1].detach().float().cpu())
+    combiner.calibrate({n: torch.cat(v) for n, v in values.items()})
