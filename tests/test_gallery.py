@@ -296,3 +296,141 @@ def test_run_without_eval_prompts_file_recomputes_them(trained, tmp_path):
     shutil.copytree(run, old, ignore=shutil.ignore_patterns("checkpoints", "logs", "eval_prompts.jsonl"))
     assert RunDir.open(old).eval_items() == RunDir.open(run).eval_items()
     assert yaml.safe_load((old / "config.yaml").read_text())["eval"]["grid_prompts"] == 8
+
+
+# ------------------------------------------------------------------------------------------------ browser
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def browser() -> str:
+    """The headless Chromium binary, or a skip that says how to get it (never a silent pass)."""
+    found = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    if found is None:
+        pytest.skip(
+            "no Chromium binary on PATH (looked for chromium, chromium-browser, google-chrome): the gallery page "
+            "was NOT tested in a browser; install Debian's chromium (apt-get install -y chromium) to run this test"
+        )
+    return found
+
+
+def chromium(tmp_path: Path, *args: str) -> str:
+    import subprocess
+
+    cmd = [browser(), "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--disable-dev-shm-usage"]
+    cmd += [f"--user-data-dir={tmp_path / 'profile'}", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+class Dom(HTMLParser):
+    """The parts of a dumped DOM the tests read: body attributes, status, overlay, rows, cells, images."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.body: dict[str, str] = {}
+        self.status: dict[str, str] = {}
+        self.overlay: dict[str, str] = {}
+        self.overlay_img: dict[str, str] = {}
+        self.rows: list[str] = []
+        self.best: dict[str, str] = {}
+        self.imgs: dict[str, dict[str, str]] = {}
+        self.text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = {k: v or "" for k, v in attrs}
+        if tag == "body":
+            self.body = a
+        elif a.get("id") == "status":
+            self.status = a
+        elif a.get("id") == "overlay":
+            self.overlay = a
+        elif a.get("id") == "overlay-img":
+            self.overlay_img = a
+        elif tag == "tr" and "data-index" in a:
+            self.rows.append(a["data-index"])
+        elif tag == "td" and "best" in a.get("class", "").split():
+            self.best[self.rows[-1]] = a["data-variant"]
+        elif tag == "img" and a.get("src", "").startswith("images/"):
+            self.imgs[a["id"]] = a
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def with_script(page: Path, script: str) -> Path:
+    """A copy of the page (beside it, so images resolve) with ``script`` run after the page's own."""
+    copy = page.with_name("test_" + page.name)
+    copy.write_text(page.read_text().replace("</body>", f"<script>{script}</script></body>"))
+    return copy
+
+
+def row_means(out: Path, variant: str, key: str) -> dict[str, float]:
+    rows = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    mine = [r for r in rows if r["variant"] == variant]
+    return {
+        str(i): float(np.mean([r["scores"][key] for r in mine if r["prompt_index"] == i]))
+        for i in {r["prompt_index"] for r in mine}
+    }
+
+
+def test_page_in_chromium_loads_every_image_and_shows_every_score(gallery, tmp_path):
+    out, _ = gallery
+    dom = Dom(chromium(tmp_path, "--dump-dom", (out / "index.html").resolve().as_uri()))
+    assert dom.body.get("data-ready") == "1", "the page's script did not run to the end"
+    rows = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
+    assert dom.status == {"id": "status", "data-loaded": str(len(rows)), "data-broken": "0"}
+    assert len(dom.imgs) == len(rows)
+    text = "".join(dom.text)
+    for r in rows:
+        img = dom.imgs[f"img-{r['variant']}-{r['prompt_index']}-{r['seed']}"]
+        assert img["src"] == r["file"]
+        assert json.loads(img["data-scores"]) == pytest.approx(r["scores"])
+        assert all(f"{v:.3f}" in text for v in r["scores"].values())
+    assert dom.overlay.get("hidden") is not None  # nothing enlarged yet
+    assert dom.body["data-sort-key"] == "gold/score"
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_sorting_in_chromium(gallery, tmp_path, order):
+    out, _ = gallery
+    key, variant = "train_fixtures:Brightness", "tiny-alignprop"
+    script = (
+        f"document.getElementById('sort-key').value = {json.dumps(key)};"
+        f"document.getElementById('sort-by').value = {json.dumps(variant)};"
+        f"const d = document.getElementById('sort-dir'); d.value = {json.dumps(order)};"
+        "d.dispatchEvent(new Event('change'));"
+    )
+    dom = Dom(chromium(tmp_path, "--dump-dom", with_script(out / "index.html", script).resolve().as_uri()))
+    means = row_means(out, variant, key)
+    sign = 1 if order == "asc" else -1
+    expected = sorted(means, key=lambda i: (sign * means[i], int(i)))  # ties in prompt order, as the page does
+    assert dom.rows == expected and dom.body["data-sort-dir"] == order
+    for i in dom.rows:  # the best variant of each row by the sort key
+        best = {v: row_means(out, v, key)[i] for v in ("base", "tiny-alignprop", "reno")}
+        assert dom.best[i] == max(best, key=best.get)
+    # the same view from the address alone
+    url = (out / "index.html").resolve().as_uri() + f"#sort={key}&by={variant}&dir={order}"
+    assert Dom(chromium(tmp_path, "--dump-dom", url)).rows == expected
+
+
+def test_click_enlarges_an_image_in_chromium(gallery, tmp_path):
+    out, _ = gallery
+    script = "document.getElementById('img-base-1-1').click();"
+    dom = Dom(chromium(tmp_path, "--dump-dom", with_script(out / "index.html", script).resolve().as_uri()))
+    assert dom.overlay.get("hidden") is None and dom.overlay["data-view"] == "img-base-1-1"
+    assert dom.overlay_img["src"] == "images/base/001_s1.png"
+    closed = script + "document.getElementById('overlay').click();"
+    dom = Dom(chromium(tmp_path, "--dump-dom", with_script(out / "index.html", closed).resolve().as_uri()))
+    assert dom.overlay.get("hidden") is not None
+
+
+def test_screenshot_in_chromium_is_not_blank(gallery, tmp_path):
+    out, _ = gallery
+    shot = tmp_path / "shot.png"
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1000,800", (out / "index.html").resolve().as_uri())
+    pic = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+    assert pic.shape[:2] == (800, 1000)
+    assert pic.std() > 10 and len(np.unique(pic.reshape(-1, 3), axis=0)) > 50
+    assert (pic < 200).any(axis=2).mean() > 0.01  # text and images, not an empty page
