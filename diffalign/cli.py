@@ -201,8 +201,15 @@ def _writing(out: Path) -> Iterator[None]:
         raise DiffalignError(f"cannot write into --out {str(out)!r}{where}: {err.strerror or err}") from None
 
 
-SAMPLE_DEFAULTS = {"n": 4, "steps": 20, "guidance": 5.0, "eta": 0.0, "seed": 0, "batch_size": 4}
 _RUN_SETS = ("--model", "--lora", "--n", "--steps", "--guidance", "--eta", "--size", "--negative-prompt", "--seed")
+
+
+class _Given(argparse.Action):
+    """``store``, and remember that the option was given (``args.given``): --run refuses sampler options."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
 
 
 def _check_out(out: Path) -> Path:
@@ -225,14 +232,20 @@ def _sample_run(args: argparse.Namespace) -> int:
     from diffalign.gallery.rundir import RunDir
     from diffalign.pipelines import load_lora, load_pipeline, lora_rank
 
-    given = [opt for opt in _RUN_SETS if getattr(args, opt[2:].replace("-", "_")) not in (None, False)]
+    given = [
+        opt
+        for opt in _RUN_SETS
+        if opt[2:].replace("-", "_") in getattr(args, "given", set())
+        or (opt in ("--model", "--lora", "--size", "--negative-prompt") and getattr(args, opt[2:].replace("-", "_")))
+    ]
     if given:
         raise DiffalignError(
             f"{given[0]} does not go with --run: the run's config.yaml sets the model, sampler and prompts "
             "(use --step N for another checkpoint's LoRA)"
         )
-    if args.batch_size is not None and args.batch_size < 1:
-        raise DiffalignError(f"--batch-size must be at least 1, got {args.batch_size}")
+    batch_size = args.batch_size if "batch_size" in getattr(args, "given", set()) else None
+    if batch_size is not None and batch_size < 1:
+        raise DiffalignError(f"--batch-size must be at least 1, got {batch_size}")
     run = RunDir.open(args.run)
     lora, step = run.lora(args.step)
     if lora is not None:
@@ -248,7 +261,7 @@ def _sample_run(args: argparse.Namespace) -> int:
     items = [(i, s) for i in range(len(prompts)) for s in seeds]
     with torch.no_grad():
         images = generate_images(
-            PipelineSampler(pipe, cfg.sample), prompts, items, run.eval_eta(), args.batch_size or cfg.eval.batch_size
+            PipelineSampler(pipe, cfg.sample), prompts, items, run.eval_eta(), batch_size or cfg.eval.batch_size
         )
     make_dir(out, "--out directory")
     settings = {"run": str(run.path), "step": step, "lora": str(lora) if lora else None, "seeds": seeds}
@@ -262,7 +275,15 @@ def _sample_run(args: argparse.Namespace) -> int:
         if not args.no_grid:
             title = f"{run.label} step {step}: evaluation images redrawn"
             cols = [f"seed {s}" for s in seeds]
-            save_grid(images, out / GRID_PATH, ncol=len(seeds), title=title, row_labels=prompts, col_labels=cols)
+            save_grid(
+                images,
+                out / GRID_PATH,
+                ncol=len(seeds),
+                title=title,
+                row_labels=prompts,
+                col_labels=cols,
+                layout_json=True,
+            )
     what = f"the LoRA {lora}" if lora else "the base model (step 0)"
     print(f"diffalign sample: wrote the {len(items)} evaluation images of {run.path} with {what} to {out}")
     print(f"  {len(prompts)} prompts x seeds {seeds}; sampler and generator seeds as in its evaluation")
@@ -284,9 +305,6 @@ def _sample(args: argparse.Namespace) -> int:
         raise DiffalignError("--step goes with --run DIR only (it picks a checkpoint of that run)")
     if args.model is None:
         raise DiffalignError("give --model ID_OR_PATH (or --run DIR to redraw a training run's evaluation images)")
-    for key, value in SAMPLE_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     prompts = read_prompts(args.prompt, args.prompts)
     _check_sample_args(args)
     size = parse_size(args.size)
@@ -302,7 +320,7 @@ def _sample(args: argparse.Namespace) -> int:
     # image k = i * n + j: prompt i, image j, seed --seed + k
     jobs = [(prompt, image_seed(args.seed, i, j, args.n)) for i, prompt in enumerate(prompts) for j in range(args.n)]
     make_dir(out, "--out directory")
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "run", "step")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "run", "step", "given")}
     kept: list[torch.Tensor] = []
     shape = (0, 0)
     with _writing(out):
@@ -335,7 +353,15 @@ def _sample(args: argparse.Namespace) -> int:
             title = f"{args.model}" + (f" + LoRA {args.lora}" if args.lora else "")
             title += f": {args.steps} DDIM steps, guidance {args.guidance:g}, eta {args.eta:g}"
             captions = [f"seed {seed}" for _, seed in jobs]
-            save_grid(torch.cat(kept), out / GRID_PATH, ncol=args.n, title=title, row_labels=prompts, captions=captions)
+            save_grid(
+                torch.cat(kept),
+                out / GRID_PATH,
+                ncol=args.n,
+                title=title,
+                row_labels=prompts,
+                captions=captions,
+                layout_json=True,
+            )
 
     seeds = f"{jobs[0][1]}..{jobs[-1][1]}" if len(jobs) > 1 else str(jobs[0][1])
     print(f"diffalign sample: wrote {len(jobs)} images ({shape[0]}x{shape[1]}) and {PROMPTS_JSONL} to {out}")
@@ -357,7 +383,7 @@ def _register_sample(sub: Any) -> argparse.ArgumentParser:
         epilog=SAMPLE_EPILOG,
         formatter_class=HelpFormatter,
     )
-    src = p.add_mutually_exclusive_group()
+    src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="one prompt")
     src.add_argument("--prompts", metavar="FILE", help="UTF-8 text file, one prompt per line")
     src.add_argument(
@@ -375,21 +401,20 @@ def _register_sample(sub: Any) -> argparse.ArgumentParser:
         "--model", metavar="ID_OR_PATH", help="hub id or local diffusers pipeline directory (not with --run)"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (new, or without earlier images)")
-    p.add_argument("--n", type=int, metavar="N", help=f"images per prompt (default {SAMPLE_DEFAULTS['n']})")
-    p.add_argument("--steps", type=int, metavar="N", help=f"DDIM steps (default {SAMPLE_DEFAULTS['steps']})")
+    p.add_argument("--n", type=int, default=4, action=_Given, metavar="N", help="images per prompt")
+    p.add_argument("--steps", type=int, default=20, action=_Given, metavar="N", help="DDIM steps")
     p.add_argument(
         "--guidance",
         "--cfg",
         dest="guidance",
         type=float,
+        default=5.0,
+        action=_Given,
         metavar="G",
-        help=f"classifier-free guidance scale (default {SAMPLE_DEFAULTS['guidance']:g})",
+        help="classifier-free guidance scale",
     )
     p.add_argument(
-        "--eta",
-        type=float,
-        metavar="ETA",
-        help=f"DDIM eta: 0 deterministic, 1 DDPM-like (default {SAMPLE_DEFAULTS['eta']:g})",
+        "--eta", type=float, default=0.0, action=_Given, metavar="ETA", help="DDIM eta: 0 deterministic, 1 DDPM-like"
     )
     p.add_argument(
         "--size",
@@ -401,15 +426,19 @@ def _register_sample(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--seed",
         type=int,
+        default=0,
+        action=_Given,
         metavar="S",
-        help=f"base seed: image k (k = i*n + j) gets seed S + k (default {SAMPLE_DEFAULTS['seed']})",
+        help="base seed: image k (k = i*n + j) gets seed S + k",
     )
     p.add_argument(
         "--batch-size",
         type=int,
+        default=4,
+        action=_Given,
         metavar="B",
         help="images per pipeline call; each image keeps its own seed, so B changes no image beyond float rounding "
-        "(default 4; with --run the run's eval.batch_size)",
+        "(with --run: the run's eval.batch_size unless given)",
     )
     p.add_argument("--lora", metavar="DIR", help="LoRA directory (diffusers format) to apply")
     p.add_argument("--device", default="cpu", metavar="D", help="torch device, e.g. cpu or cuda")
