@@ -36,13 +36,15 @@ table{border-collapse:collapse} th,td{border:1px solid #ddd;padding:4px;vertical
 .controls{font-size:13px;margin:8px 0} .controls select{margin:0 8px 0 4px}
 #gallery th.prompt{max-width:170px;text-align:left;font-size:13px;font-weight:normal}
 #gallery thead th{font-size:13px;position:sticky;top:0;background:#fafafa}
-td.cell{white-space:nowrap} td.best{background:#eaf6ea;outline:2px solid #3a3}
-td.best::before{content:"\\2605 best";display:block;font-size:11px;color:#272;font-weight:bold}
+td.cell{white-space:nowrap;position:relative;padding-top:15px} td.best{background:#eaf6ea;outline:2px solid #3a3}
+td.best::before{content:"\\2605 best";position:absolute;top:1px;left:5px;font-size:11px;color:#272;font-weight:bold}
 figure{display:inline-block;margin:0 3px 0 0;vertical-align:top;text-align:left}
 figure img{width:var(--thumb);height:var(--thumb);object-fit:contain;cursor:zoom-in;display:block;border:1px solid #ccc}
 img.px{image-rendering:pixelated}
-figcaption{font-size:11px;line-height:13px;color:#333;width:var(--thumb);white-space:normal}
-figcaption .s{color:#777}
+figcaption{font-size:11px;line-height:13px;color:#333;width:var(--thumb);letter-spacing:-.2px}
+figcaption .s{color:#777} figcaption .line{display:flex;gap:3px}
+figcaption .k{flex:1 1 auto;min-width:0;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;color:#666}
+figcaption .score{flex:none}
 #overlay{position:fixed;inset:0;background:rgba(0,0,0,.82);display:flex;flex-direction:column;
  align-items:center;justify-content:center;cursor:zoom-out}
 #overlay[hidden]{display:none} #overlay img{width:min(80vh,90vw);height:min(80vh,90vw);object-fit:contain;background:#fff}
@@ -207,7 +209,8 @@ def render(
                     f'data-caption="{e(caption)}" data-scores="{e(json.dumps(scores))}" loading="eager">'
                 )
                 lines = "".join(
-                    f'<br><span class="k">{e(k)}</span> <span class="score" data-score="{e(k)}">{_fmt(v)}</span>'
+                    f'<span class="line"><span class="k" title="{e(k)}">{e(k)}</span>'
+                    f'<span class="score" data-score="{e(k)}">{_fmt(v)}</span></span>'
                     for k, v in scores.items()
                 )
                 out.append(f'<figcaption><span class="s">seed {seed}</span>{lines}</figcaption></figure>')

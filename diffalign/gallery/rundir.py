@@ -69,7 +69,10 @@ class RunDir:
                 f"{cfg_path} does not exist: {root} is not a diffalign train run directory (or training never started)"
             )
         cfg = DiffalignConfig.from_yaml(cfg_path)
-        return cls(root, cfg, label or f"{cfg.train.method} ({root.name})")
+        from reward_models import RewardSpec
+
+        rewards = "+".join(RewardSpec.parse(r).name for r in cfg.reward.rewards)
+        return cls(root, cfg, label or f"{cfg.train.method} on {rewards} ({root.name})")
 
     @property
     def method(self) -> str:
