@@ -5,6 +5,8 @@
     diffalign score  --reward shapes_gold --images outputs/samples --prompts outputs/samples/prompts.jsonl --out scores.csv
     diffalign reno   --model assets/shapes-sd --prompt "two blue squares" --reward shapes_clip --out outputs/reno
     diffalign train  --config configs/shapes/draft_k.yaml        (the methods: diffalign train --help)
+    diffalign gallery --run runs/shapes-alignprop --reward shapes_clip --out outputs/gallery   (HTML page, scores)
+    diffalign plot   --run runs/shapes-alignprop --run runs/shapes-ddpo --out outputs/curves   (training curves)
 
 Errors the user can fix (a wrong path, an unknown reward, a bad option) print one line and exit 2.
 """

@@ -211,8 +211,9 @@ def draw_variant(v: Variant, args: argparse.Namespace, base: str, prompts: list[
     from diffalign.pipelines import load_lora, load_pipeline
 
     items = [(i, s) for i in range(len(prompts)) for s in seeds]
+    dtype = "float32" if device.type == "cpu" else v.dtype  # a bf16 / fp16 run drawn on a CPU: float32
     if v.kind in ("base", "run"):
-        pipe = load_pipeline(base, dtype=v.dtype, device=device)
+        pipe = load_pipeline(base, dtype=dtype, device=device)
         pipe.set_progress_bar_config(disable=True)
         if v.lora is not None:
             load_lora(pipe, v.lora)
@@ -222,7 +223,7 @@ def draw_variant(v: Variant, args: argparse.Namespace, base: str, prompts: list[
     from diffalign.reno import RenoConfig, reno
     from diffalign.reno.rewards import build_rewards
 
-    pipe = load_pipeline(base, dtype=v.dtype, device=device, scheduler="keep")
+    pipe = load_pipeline(base, dtype=dtype, device=device, scheduler="keep")
     pipe.set_progress_bar_config(disable=True)
     rewards, weights, _ = build_rewards(list(args.reno), None, device)
     images = []
