@@ -322,7 +322,7 @@ def _sample(args: argparse.Namespace) -> int:
     # image k = i * n + j: prompt i, image j, seed --seed + k
     jobs = [(prompt, image_seed(args.seed, i, j, args.n)) for i, prompt in enumerate(prompts) for j in range(args.n)]
     make_dir(out, "--out directory")
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "run", "step", "given")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "run", "step", "given", "argv")}
     kept: list[torch.Tensor] = []
     shape = (0, 0)
     with _writing(out):
@@ -478,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for outputs that record it
     try:
         return int(args.func(args) or 0)
     except DiffalignError as exc:

@@ -714,10 +714,13 @@ class Trainer:
             )
         if images.numel():
             seeds = list(self.cfg.eval.seeds)
-            cap = self.cfg.eval.grid_prompts or len(self.evaluator.prompts)
-            prompts = self.evaluator.prompts[:cap]
+            everyone, n = self.evaluator.prompts, self.acc.num_processes
+            mine = everyone[self.acc.process_index :: n]  # the main process's share, whose images it holds
+            prompts = mine[: self.cfg.eval.grid_prompts or len(mine)]
             grid = self.out / "samples" / f"eval_step_{step}.png"
-            title = f"{self.cfg.train.method} step {step}: evaluation, {len(prompts)} of {len(self.evaluator.prompts)} prompts"
+            title = f"{self.cfg.train.method} step {step}: evaluation, {len(prompts)} of {len(everyone)} prompts"
+            if n > 1:
+                title += f" (prompts 0, {n}, {2 * n}, ...: the main process's)"
             with self._writing(str(grid)):
                 save_grid(
                     images[: len(seeds) * len(prompts)],

@@ -204,6 +204,8 @@ def test_gallery_writes_a_valid_page_with_every_image_and_score(gallery):
     assert "gold.png" in plots and "train_reward.png" in plots and "heldout.png" in plots
     assert all(f'src="plots/{p}"' in html for p in plots)
     assert "open: file://" in printed
+    command = json.loads((out / "gallery.json").read_text())["command"]
+    assert command.startswith("diffalign gallery --run 'tiny AlignProp=") and command in html
 
 
 def test_gallery_run_column_is_the_runs_final_evaluation(gallery, trained):
@@ -434,3 +436,22 @@ def test_screenshot_in_chromium_is_not_blank(gallery, tmp_path):
     assert pic.shape[:2] == (800, 1000)
     assert pic.std() > 10 and len(np.unique(pic.reshape(-1, 3), axis=0)) > 50
     assert (pic < 200).any(axis=2).mean() > 0.01  # text and images, not an empty page
+
+
+def test_wandb_gets_the_grid_as_a_pil_image(tmp_path):
+    """W&B is not installed in the test venv: the trainer's call into accelerate's tracker, with a recorder."""
+    from types import SimpleNamespace
+
+    from diffalign.trainer import Trainer
+
+    calls = []
+    tracker = SimpleNamespace(log_images=lambda values, step, **kw: calls.append((values, step, kw)))
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(log=SimpleNamespace(trackers=["wandb"]))
+    trainer.acc = SimpleNamespace(get_tracker=lambda name: tracker)
+    Image.new("RGB", (6, 4), (255, 0, 0)).save(tmp_path / "g.png")
+    trainer._log_image("eval/grid", tmp_path / "g.png", 7)
+    ((values, step, kw),) = calls
+    assert step == 7 and not kw and list(values) == ["eval/grid"]
+    (picture,) = values["eval/grid"]
+    assert picture.size == (6, 4) and picture.getpixel((0, 0)) == (255, 0, 0)

@@ -9,12 +9,13 @@ the images, OUT/scores.jsonl, OUT/summary.json and the runs' training curves in 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,6 @@ class Variant:
     sample: Any = None  # SampleConfig
     eta: float = 0.0
     dtype: str = "float32"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _variant_id(label: str, taken: set[str]) -> str:
@@ -291,7 +291,6 @@ def summarize(rows: list[dict[str, Any]], seeds: list[int]) -> dict[str, dict[st
 # ------------------------------------------------------------------------------------------------ gallery
 def run_gallery(args: argparse.Namespace) -> int:
     """Entry point of ``diffalign gallery``."""
-
     from diffalign.cli import check_writable_dir, make_dir, parse_device
     from diffalign.gallery.grids import to_pil
     from diffalign.gallery.page import Cell, render
@@ -372,11 +371,9 @@ def run_gallery(args: argparse.Namespace) -> int:
         + "\n",
         encoding="utf-8",
     )
-    command = "diffalign " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "diffalign gallery"
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    command = "diffalign " + " ".join(shlex.quote(a) for a in getattr(args, "argv", ["gallery"]))
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "argv")} | {"command": command}
     (out / "gallery.json").write_text(json.dumps(settings | {"prompts_used": prompts}, indent=1) + "\n")
-    import html
-
     meta = [
         f"base model <code>{html.escape(base)}</code>; {len(prompts)} prompts × seeds {html.escape(str(seeds))}; "
         f"{size[0]}×{size[1]} px; scores: {html.escape(', '.join(score_names))}",
