@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import shutil
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -205,7 +206,7 @@ def test_gallery_writes_a_valid_page_with_every_image_and_score(gallery):
     assert all(f'src="plots/{p}"' in html for p in plots)
     assert "open: file://" in printed
     command = json.loads((out / "gallery.json").read_text())["command"]
-    assert command.startswith("diffalign gallery --run 'tiny AlignProp=") and command in html
+    assert command.startswith("diffalign gallery --run 'tiny AlignProp=") and escape(command) in html
 
 
 def test_gallery_run_column_is_the_runs_final_evaluation(gallery, trained):
