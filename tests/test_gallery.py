@@ -456,3 +456,17 @@ def test_wandb_gets_the_grid_as_a_pil_image(tmp_path):
     assert step == 7 and not kw and list(values) == ["eval/grid"]
     (picture,) = values["eval/grid"]
     assert picture.size == (6, 4) and picture.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_before_after_keeps_the_captions_of_captioned_grids(trained, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import before_after
+
+    run, _ = trained
+    assert before_after.main([str(run), "--rows", "1", "--out", str(tmp_path / "ba.png")]) == 0
+    layout = json.loads((run / "samples" / "eval_step_0.json").read_text())
+    fig = Image.open(tmp_path / "ba.png")
+    assert fig.height == before_after.CAPTION + layout["rows"][0][1]  # title, seed labels and the first row
+    assert fig.width == 2 * layout["size"][0] + before_after.GAP
