@@ -6,9 +6,9 @@ LOCK := requirements.lock
 # The newest releases of every direct dependency, past pyproject's upper bounds (make test-latest).
 LATEST_VENV ?= .venv-latest
 DIRECT_DEPS := torch torchvision diffusers peft accelerate transformers open-clip-torch safetensors numpy pillow \
-	scipy pyyaml tqdm pytest ruff tensorboard
+	scipy pyyaml tqdm matplotlib pytest ruff tensorboard
 
-.PHONY: venv test lint format demo lock test-latest
+.PHONY: venv test lint format demo lock test-latest browser
 
 # Installs exactly the tested versions: requirements.lock is a pip constraints file (make lock rewrites it).
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -33,8 +33,16 @@ format: venv
 demo: venv
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/diffalign train --config configs/shapes/alignprop.yaml
 
+# Headless Chromium for the gallery's browser tests (tests/test_gallery.py): Debian's chromium package,
+# installed where root and apt-get are available; elsewhere those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; }; } \
+	  || echo "make: no Chromium and no way to install it (needs root and apt-get): the gallery browser tests will skip"
+
 # Lint, then the whole test suite (single process). Exit 5 (no tests) counts as success.
-test: lint
+test: lint browser
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 # Rewrite requirements.lock: a fresh venv with the newest versions pyproject.toml allows, then pip freeze.

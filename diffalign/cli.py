@@ -1,11 +1,14 @@
 """The ``diffalign`` command: one entry point, one subcommand per job.
 
     diffalign sample --model assets/shapes-sd --prompt "a red circle" --n 8 --out outputs/samples
+    diffalign sample --run runs/shapes-alignprop --out outputs/eval-redrawn   (a run's evaluation images)
     diffalign score  --reward shapes_gold --images outputs/samples --prompts outputs/samples/prompts.jsonl --out scores.csv
     diffalign reno   --model assets/shapes-sd --prompt "two blue squares" --reward shapes_clip --out outputs/reno
     diffalign train  --config configs/shapes/draft_k.yaml        (the methods: diffalign train --help)
     diffalign prefs  --model assets/shapes-sd --prompts shapes:train --reward shapes_gold:mode=correct --out data/prefs
     diffalign label  --pairs data/pairs/pairs.jsonl --out data/pairs/labels.jsonl
+    diffalign gallery --run runs/shapes-alignprop --reward shapes_clip --out outputs/gallery   (HTML page, scores)
+    diffalign plot   --run runs/shapes-alignprop --run runs/shapes-ddpo --out outputs/curves   (training curves)
 
 Errors the user can fix (a wrong path, an unknown reward, a bad option) print one line and exit 2.
 """
@@ -26,7 +29,7 @@ from diffalign.errors import DiffalignError
 from diffalign.paths import check_output_path
 
 # Subcommands living in their own modules, each exposing register(subparsers).
-_MODULES = ("diffalign.scoring", "diffalign.reno", "diffalign.train", "diffalign.prefs")
+_MODULES = ("diffalign.scoring", "diffalign.reno", "diffalign.train", "diffalign.prefs", "diffalign.gallery.cli")
 
 PROMPTS_JSONL = "prompts.jsonl"
 GRID_PATH = Path("grid") / "grid.png"  # a subfolder: `diffalign score --images OUT` does not read it
@@ -35,6 +38,14 @@ SAMPLE_EPILOG = """examples:
   diffalign sample --model assets/shapes-sd --prompt 'two red circles' --n 8 --out outputs/samples
   diffalign score --reward shapes_gold --images outputs/samples \\
       --prompts outputs/samples/prompts.jsonl --out outputs/scores.csv
+  diffalign sample --run runs/shapes-alignprop --out outputs/eval-final          # the final evaluation's images
+  diffalign sample --run runs/shapes-alignprop --step 0 --out outputs/eval-base  # step 0: the base model
+
+--run DIR redraws a training run's evaluation images: its eval prompts and seeds (DIR/eval_prompts.jsonl),
+its sampler (sample.steps, sample.guidance_scale, eval.eta or sample.eta, negative prompt) and model from
+DIR/config.yaml, the LoRA of --step (default: the final DIR/lora), and the generator seed of each image
+(seed * 1000003 + prompt index, as the evaluation draws it); image k is prompt k // S, seed k % S (S seeds).
+The model, prompt and sampler options do not go with --run.
 
 writes into --out (a new directory, or one without images or prompts.jsonl; nothing is overwritten):
   NNNNN_<prompt-slug>.png  the images; image j of prompt i is number k = i*n + j
@@ -194,6 +205,97 @@ def _writing(out: Path) -> Iterator[None]:
         raise DiffalignError(f"cannot write into --out {str(out)!r}{where}: {err.strerror or err}") from None
 
 
+_RUN_SETS = ("--model", "--lora", "--n", "--steps", "--guidance", "--eta", "--size", "--negative-prompt", "--seed")
+
+
+class _Given(argparse.Action):
+    """``store``, and remember that the option was given (``args.given``): --run refuses sampler options."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
+
+
+def _check_out(out: Path) -> Path:
+    out = check_writable_dir(out, "--out directory")
+    existing = _existing_outputs(out)
+    if existing:
+        raise DiffalignError(
+            f"--out {str(out)!r} already holds {len(existing)} earlier output file(s) (first: {existing[0]}); "
+            "pass a new --out directory, nothing is overwritten"
+        )
+    return out
+
+
+def _sample_run(args: argparse.Namespace) -> int:
+    """``diffalign sample --run DIR``: the run's evaluation images, drawn as its evaluation draws them."""
+    import torch
+
+    from diffalign.evaluation import PipelineSampler, generate_images, generator_seed
+    from diffalign.gallery import save_grid, save_images
+    from diffalign.gallery.rundir import RunDir
+    from diffalign.pipelines import load_lora, load_pipeline, lora_rank
+
+    given = [
+        opt
+        for opt in _RUN_SETS
+        if opt[2:].replace("-", "_") in getattr(args, "given", set())
+        or (opt in ("--model", "--lora", "--size", "--negative-prompt") and getattr(args, opt[2:].replace("-", "_")))
+    ]
+    if given:
+        raise DiffalignError(
+            f"{given[0]} does not go with --run: the run's config.yaml sets the model, sampler and prompts "
+            "(use --step N for another checkpoint's LoRA)"
+        )
+    batch_size = args.batch_size if "batch_size" in getattr(args, "given", set()) else None
+    if batch_size is not None and batch_size < 1:
+        raise DiffalignError(f"--batch-size must be at least 1, got {batch_size}")
+    run = RunDir.open(args.run)
+    lora, step = run.lora(args.step)
+    if lora is not None:
+        lora_rank(lora)  # a missing or damaged LoRA file fails here, before the model loads
+    prompts, seeds = run.eval_items()
+    device = parse_device(args.device)
+    out = _check_out(Path(args.out))
+    cfg = run.config
+    pipe = load_pipeline(cfg.model.pretrained, dtype=run.dtype(), device=device, attention=cfg.model.attention)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        load_lora(pipe, lora)
+    items = [(i, s) for i in range(len(prompts)) for s in seeds]
+    with torch.no_grad():
+        images = generate_images(
+            PipelineSampler(pipe, cfg.sample), prompts, items, run.eval_eta(), batch_size or cfg.eval.batch_size
+        )
+    make_dir(out, "--out directory")
+    settings = {"run": str(run.path), "step": step, "lora": str(lora) if lora else None, "seeds": seeds}
+    with _writing(out):
+        (out / "sample.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+        paths = save_images(images, out, [prompts[i] for i, _ in items])
+        with (out / PROMPTS_JSONL).open("w", encoding="utf-8") as index:
+            for (i, seed), path in zip(items, paths, strict=True):
+                row = {"file": path.name, "prompt": prompts[i], "seed": seed, "prompt_index": i}
+                index.write(json.dumps(row | {"generator_seed": generator_seed(seed, i), "step": step}) + "\n")
+        if not args.no_grid:
+            title = f"{run.label} step {step}: evaluation images redrawn"
+            cols = [f"seed {s}" for s in seeds]
+            save_grid(
+                images,
+                out / GRID_PATH,
+                ncol=len(seeds),
+                title=title,
+                row_labels=prompts,
+                col_labels=cols,
+                layout_json=True,
+            )
+    what = f"the LoRA {lora}" if lora else "the base model (step 0)"
+    print(f"diffalign sample: wrote the {len(items)} evaluation images of {run.path} with {what} to {out}")
+    print(f"  {len(prompts)} prompts x seeds {seeds}; sampler and generator seeds as in its evaluation")
+    if not args.no_grid:
+        print(f"  grid (one row per prompt): {out / GRID_PATH}")
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     """Entry point of ``diffalign sample``: images, prompts.jsonl, sample.json and grid/grid.png in --out."""
     import torch
@@ -201,17 +303,17 @@ def _sample(args: argparse.Namespace) -> int:
     from diffalign.gallery import save_grid, save_images
     from diffalign.pipelines import load_lora, load_pipeline
 
+    if args.run is not None:
+        return _sample_run(args)
+    if args.step is not None:
+        raise DiffalignError("--step goes with --run DIR only (it picks a checkpoint of that run)")
+    if args.model is None:
+        raise DiffalignError("give --model ID_OR_PATH (or --run DIR to redraw a training run's evaluation images)")
     prompts = read_prompts(args.prompt, args.prompts)
     _check_sample_args(args)
     size = parse_size(args.size)
     device = parse_device(args.device)
-    out = check_writable_dir(Path(args.out), "--out directory")
-    existing = _existing_outputs(out)
-    if existing:
-        raise DiffalignError(
-            f"--out {str(out)!r} already holds {len(existing)} earlier output file(s) (first: {existing[0]}); "
-            "pass a new --out directory, nothing is overwritten"
-        )
+    out = _check_out(Path(args.out))
     pipe = load_pipeline(args.model, dtype=args.dtype, device=device)
     if size is not None:
         check_size(size, pipe.vae_scale_factor)
@@ -222,7 +324,7 @@ def _sample(args: argparse.Namespace) -> int:
     # image k = i * n + j: prompt i, image j, seed --seed + k
     jobs = [(prompt, image_seed(args.seed, i, j, args.n)) for i, prompt in enumerate(prompts) for j in range(args.n)]
     make_dir(out, "--out directory")
-    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "run", "step", "given", "argv")}
     kept: list[torch.Tensor] = []
     shape = (0, 0)
     with _writing(out):
@@ -252,7 +354,18 @@ def _sample(args: argparse.Namespace) -> int:
                 kept.append(images)
     if kept:
         with _writing(out):
-            save_grid(torch.cat(kept), out / GRID_PATH, ncol=args.n)
+            title = f"{args.model}" + (f" + LoRA {args.lora}" if args.lora else "")
+            title += f": {args.steps} DDIM steps, guidance {args.guidance:g}, eta {args.eta:g}"
+            captions = [f"seed {seed}" for _, seed in jobs]
+            save_grid(
+                torch.cat(kept),
+                out / GRID_PATH,
+                ncol=args.n,
+                title=title,
+                row_labels=prompts,
+                captions=captions,
+                layout_json=True,
+            )
 
     seeds = f"{jobs[0][1]}..{jobs[-1][1]}" if len(jobs) > 1 else str(jobs[0][1])
     print(f"diffalign sample: wrote {len(jobs)} images ({shape[0]}x{shape[1]}) and {PROMPTS_JSONL} to {out}")
@@ -277,20 +390,36 @@ def _register_sample(sub: Any) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="one prompt")
     src.add_argument("--prompts", metavar="FILE", help="UTF-8 text file, one prompt per line")
-    p.add_argument("--model", required=True, metavar="ID_OR_PATH", help="hub id or local diffusers pipeline directory")
+    src.add_argument(
+        "--run",
+        metavar="DIR",
+        help="a diffalign train output directory: redraw its evaluation images (prompts, seeds, sampler, LoRA)",
+    )
+    p.add_argument(
+        "--step",
+        type=int,
+        metavar="N",
+        help="with --run: the LoRA of checkpoints/step_N (0: the base model; default: the final lora/)",
+    )
+    p.add_argument(
+        "--model", metavar="ID_OR_PATH", help="hub id or local diffusers pipeline directory (not with --run)"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (new, or without earlier images)")
-    p.add_argument("--n", type=int, default=4, metavar="N", help="images per prompt")
-    p.add_argument("--steps", type=int, default=20, metavar="N", help="DDIM steps")
+    p.add_argument("--n", type=int, default=4, action=_Given, metavar="N", help="images per prompt")
+    p.add_argument("--steps", type=int, default=20, action=_Given, metavar="N", help="DDIM steps")
     p.add_argument(
         "--guidance",
         "--cfg",
         dest="guidance",
         type=float,
         default=5.0,
+        action=_Given,
         metavar="G",
         help="classifier-free guidance scale",
     )
-    p.add_argument("--eta", type=float, default=0.0, metavar="ETA", help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    p.add_argument(
+        "--eta", type=float, default=0.0, action=_Given, metavar="ETA", help="DDIM eta: 0 deterministic, 1 DDPM-like"
+    )
     p.add_argument(
         "--size",
         metavar="HxW",
@@ -298,13 +427,22 @@ def _register_sample(sub: Any) -> argparse.ArgumentParser:
         "factor; default: the pipeline's, e.g. 64 for assets/shapes-sd, 512 for SD 1.5)",
     )
     p.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt for every image (used when guidance > 1)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="base seed: image k (k = i*n + j) gets seed S + k")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        action=_Given,
+        metavar="S",
+        help="base seed: image k (k = i*n + j) gets seed S + k",
+    )
     p.add_argument(
         "--batch-size",
         type=int,
         default=4,
+        action=_Given,
         metavar="B",
-        help="images per pipeline call; each image keeps its own seed, so B changes no image beyond float rounding",
+        help="images per pipeline call; each image keeps its own seed, so B changes no image beyond float rounding "
+        "(with --run: the run's eval.batch_size unless given)",
     )
     p.add_argument("--lora", metavar="DIR", help="LoRA directory (diffusers format) to apply")
     p.add_argument("--device", default="cpu", metavar="D", help="torch device, e.g. cpu or cuda")
@@ -342,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for outputs that record it
     try:
         return int(args.func(args) or 0)
     except DiffalignError as exc:

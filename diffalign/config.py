@@ -165,10 +165,11 @@ class EvalConfig:
     gold: Literal["auto", "on", "off"] = "auto"  # shapes verifier; auto = on when every eval prompt is a shapes caption
     rewards: list[str] = field(default_factory=list)  # held-out rewards scored but never trained on
     hacking_threshold: float = 0.05  # guardrail: gold (or first held-out reward) drop that flags hacking
+    grid_prompts: int = 8  # prompts (rows) in samples/eval_step_N.png (0 = all); every prompt is still scored
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.num_prompts < 0:
-            raise DiffalignError("eval.every and eval.num_prompts must be >= 0")
+        if self.every < 0 or self.num_prompts < 0 or self.grid_prompts < 0:
+            raise DiffalignError("eval.every, eval.num_prompts and eval.grid_prompts must be >= 0")
         if not self.seeds or self.batch_size < 1:
             raise DiffalignError("eval.seeds must list at least one seed and eval.batch_size be >= 1")
 

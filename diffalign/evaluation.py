@@ -55,6 +55,77 @@ def guard(first: dict[str, Any], record: dict[str, Any], metric: str | None, thr
     }
 
 
+def generator_seed(seed: int, prompt_index: int) -> int:
+    """The seed of the CPU generator of the eval image of prompt ``prompt_index`` and seed ``seed``: its
+    initial latents and, with eta > 0, its DDIM noise are drawn from it."""
+    return seed * 1_000_003 + prompt_index
+
+
+def generate_images(
+    ctx: Any, prompts: list[str], items: list[tuple[int, int]], eta: float, batch_size: int
+) -> torch.Tensor:
+    """Images ``[N, 3, H, W]`` (CPU, float32) for (prompt index, seed) pairs, each from its own generator.
+
+    The training sampler's chain without any graph (:func:`diffalign.sampling.sample_differentiable`
+    with ``grad_from = T``, i.e. :func:`diffalign.sampling.denoise_step` at every step), from
+    :func:`generator_seed`. ``ctx`` gives ``denoiser``, ``sampler``, ``initial_latents`` and ``decode``:
+    the trainer's :class:`~diffalign.trainer.Rollout`, or a :class:`PipelineSampler` outside training
+    (``diffalign sample --run``, ``diffalign gallery``), which therefore redraw the evaluation images.
+    """
+    out = []
+    sampler = ctx.sampler
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        gens = [torch.Generator().manual_seed(generator_seed(seed, i)) for i, seed in chunk]
+        x = ctx.initial_latents(len(chunk), generator=gens)
+        z, _ = sample_differentiable(
+            ctx.denoiser([prompts[i] for i, _ in chunk]),
+            sampler,
+            x,
+            grad_from=sampler.num_steps,
+            eta=eta,
+            generator=gens,
+            checkpoint=False,
+        )
+        out.append(ctx.decode(z).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+class PipelineSampler:
+    """The trainer's sampling (:class:`~diffalign.trainer.Rollout`'s ``denoiser``, ``initial_latents``,
+    ``decode``, ``sampler``) for a pipeline outside training, with a run's ``sample`` settings."""
+
+    def __init__(self, pipe: Any, sample: SampleConfig) -> None:
+        from diffalign.sampling import make_sampler
+
+        self.pipe, self.sample = pipe, sample
+        pipe.scheduler.set_timesteps(sample.steps)
+        self.sampler = make_sampler(pipe.scheduler)
+
+    def denoiser(self, prompts: list[str]) -> Any:
+        from diffalign.pipelines import encode_prompts
+        from diffalign.sampling import make_denoiser
+
+        guide = self.sample.guidance_scale != 1.0
+        cond = encode_prompts(self.pipe, prompts, self.sample.negative_prompt, guidance=guide)
+        return make_denoiser(
+            self.pipe.unet,
+            guidance_scale=self.sample.guidance_scale,
+            guidance_rescale=self.sample.guidance_rescale,
+            **cond.denoiser_kwargs(),
+        )
+
+    def initial_latents(self, n: int, generator: Any) -> torch.Tensor:
+        from diffalign.pipelines import initial_latents
+
+        return initial_latents(self.pipe, n, generator)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        from diffalign.pipelines import decode
+
+        return decode(self.pipe, latents)
+
+
 class Evaluator:
     """Runs evaluations through the trainer's rollout; remembers the first record for the guardrail."""
 
@@ -78,30 +149,9 @@ class Evaluator:
         self.first = state.get("first")
 
     def _generate(self, ctx: Any, items: list[tuple[int, int]]) -> torch.Tensor:
-        """Images for (prompt index, seed) pairs, each from its own seeded generator.
-
-        The training sampler's chain without any graph (:func:`diffalign.sampling.sample_differentiable`
-        with ``grad_from = T``, i.e. :func:`diffalign.sampling.denoise_step` at every step).
-        """
-        out = []
+        """Images for (prompt index, seed) pairs (:func:`generate_images`)."""
         eta = self.sample.eta if self.cfg.eta is None else self.cfg.eta
-        sampler = ctx.sampler
-        for start in range(0, len(items), self.cfg.batch_size):
-            chunk = items[start : start + self.cfg.batch_size]
-            prompts = [self.prompts[i] for i, _ in chunk]
-            gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i, seed in chunk]
-            x = ctx.initial_latents(len(chunk), generator=gens)
-            z, _ = sample_differentiable(
-                ctx.denoiser(prompts),
-                sampler,
-                x,
-                grad_from=sampler.num_steps,
-                eta=eta,
-                generator=gens,
-                checkpoint=False,
-            )
-            out.append(ctx.decode(z).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        return generate_images(ctx, self.prompts, items, eta, self.cfg.batch_size)
 
     @torch.no_grad()
     def evaluate(self, ctx: Any, step: int) -> tuple[dict[str, Any] | None, torch.Tensor]:

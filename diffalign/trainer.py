@@ -64,7 +64,7 @@ from diffalign.sampling import make_sampler
 DTYPE_BY_PRECISION = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # What a run directory holds: these must be directories, those files (when they exist).
 RUN_DIRS = ("checkpoints", "samples", "lora", "logs")
-RUN_FILES = ("metrics.jsonl", "eval.jsonl", "config.yaml", MODULES_FILE)
+RUN_FILES = ("metrics.jsonl", "eval.jsonl", "config.yaml", "eval_prompts.jsonl", MODULES_FILE)
 RUN_ENTRY_MESSAGES = {  # a run entry of the wrong kind (diffalign.paths.check_output_path)
     "entry_not_dir": "{entry} is a file, but a run keeps a directory there; move it away or {fix}",
     "entry_not_file": "{entry} is a directory, but a run writes a file there; move it away or {fix}",
@@ -284,6 +284,19 @@ class Rollout:
         t.lr_scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
         return norm
+
+
+def gallery_command(cfg: DiffalignConfig, out: Path) -> str:
+    """The ``diffalign gallery`` command comparing the base model with the run ``out`` on its evaluation
+    prompts and seeds, scored by its training and held-out rewards (gold added by the gallery for shapes)."""
+    import shlex
+
+    rewards = list(dict.fromkeys([*cfg.reward.rewards, *cfg.eval.rewards]))
+    parts = ["diffalign", "gallery", "--run", str(out)]
+    for spec in rewards:
+        parts += ["--reward", spec]
+    parts += ["--out", str(out / "gallery")]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 class Trainer:
@@ -678,6 +691,21 @@ class Trainer:
             scalars = {prefix + k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self.acc.log(scalars, step=record["step"])
 
+    def _log_image(self, tag: str, path: Path, step: int) -> None:
+        """Send the grid at ``path`` to every tracker (TensorBoard: ``add_images``; W&B: ``wandb.Image``)."""
+        if not self.cfg.log.trackers:
+            return
+        from PIL import Image
+
+        with Image.open(path) as im:
+            picture = im.convert("RGB")
+        for name in self.cfg.log.trackers:
+            tracker = self.acc.get_tracker(name)
+            if name == "tensorboard":
+                tracker.log_images({tag: np.asarray(picture)[None]}, step=step, dataformats="NHWC")
+            else:
+                tracker.log_images({tag: [picture]}, step=step)
+
     def _evaluate(self, step: int) -> None:
         from diffalign.gallery import save_grid
 
@@ -696,10 +724,44 @@ class Trainer:
                 f"{self.cfg.eval.hacking_threshold}); select checkpoints by gold, not by the training reward"
             )
         if images.numel():
-            ncol = len(self.cfg.eval.seeds)
+            seeds = list(self.cfg.eval.seeds)
+            everyone, n = self.evaluator.prompts, self.acc.num_processes
+            mine = everyone[self.acc.process_index :: n]  # the main process's share, whose images it holds
+            prompts = mine[: self.cfg.eval.grid_prompts or len(mine)]
             grid = self.out / "samples" / f"eval_step_{step}.png"
+            title = f"{self.cfg.train.method} step {step}: evaluation, {len(prompts)} of {len(everyone)} prompts"
+            if n > 1:
+                title += f" (prompts 0, {n}, {2 * n}, ...: the main process's)"
             with self._writing(str(grid)):
-                save_grid(images[: ncol * 8], grid, ncol=ncol)
+                save_grid(
+                    images[: len(seeds) * len(prompts)],
+                    grid,
+                    ncol=len(seeds),
+                    title=title,
+                    row_labels=prompts,
+                    col_labels=[f"seed {s}" for s in seeds],
+                    layout_json=True,
+                )
+            self._log_image("eval/grid", grid, step)
+
+    def _sample_grid(self, step: int, result: StepResult) -> None:
+        """``samples/step_N.png``: up to 16 of the step's images, each captioned with its prompt and combined reward."""
+        from diffalign.gallery import save_grid
+
+        images = result.images.float().cpu()[:16]
+        n = images.shape[0]
+        prompts = list(result.prompts or [])[:n]
+        values = result.reward.detach().float().cpu()[-result.images.shape[0] :][:n].tolist()  # the images' own
+        captions = [
+            (f"{prompts[i]} " if i < len(prompts) else "") + (f"r={values[i]:.3g}" if i < len(values) else "")
+            for i in range(n)
+        ]
+        grid = self.out / "samples" / f"step_{step}.png"
+        with self._writing(str(grid)):
+            save_grid(
+                images, grid, ncol=8, title=f"{self.cfg.train.method} step {step}: training samples", captions=captions
+            )
+        self._log_image("train/samples", grid, step)
 
     def _draw(self) -> PromptBatch:
         """The next batch of the step: this process's slice of the global batch (a
@@ -715,7 +777,7 @@ class Trainer:
         """Train ``train.steps`` steps (or the rest of them after a resume); returns the output paths."""
         from tqdm import tqdm
 
-        from diffalign.gallery import save_grid
+        from diffalign.gallery.rundir import EVAL_PROMPTS, write_eval_prompts
         from diffalign.pipelines import save_lora
 
         self.check_output_dir()
@@ -726,6 +788,7 @@ class Trainer:
         if main:
             with self._writing(str(self.out / "config.yaml")):
                 cfg.save_yaml(self.out / "config.yaml")
+                write_eval_prompts(self.out / EVAL_PROMPTS, self.evaluator.prompts, list(cfg.eval.seeds))
                 append_run_info(self.out, num_processes=acc.num_processes, device=acc.device, resumed_from_step=start)
         if start == 0:
             self._calibrate()
@@ -752,9 +815,7 @@ class Trainer:
                 bar.set_postfix(reward=f"{record['reward']:.4f}", loss=f"{record['loss']:.4g}")
                 every = cfg.log.sample_every
                 if every and step % every == 0 and result.images is not None:
-                    grid = self.out / "samples" / f"step_{step}.png"
-                    with self._writing(str(grid)):
-                        save_grid(result.images.float().cpu()[:16], grid, ncol=8)
+                    self._sample_grid(step, result)
             bar.update(1)
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == total:
                 self._evaluate(step)
@@ -806,4 +867,5 @@ class Trainer:
                 f"{any(r.get('hacking') for r in rows)})"
             )
         lines.append(f"  before / after: {paths['before']}  {paths['after']}")
+        lines.append(f"  see it: {gallery_command(self.cfg, self.out)}")
         print("\n".join(lines))

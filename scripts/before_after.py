@@ -3,13 +3,14 @@
     python scripts/before_after.py runs/shapes-alignprop --rows 4 --out docs/images/alignprop_shapes_before_after.png
 
 Reads ``samples/eval_step_0.png`` and the last ``samples/eval_step_N.png`` of the run (the same held-out
-prompts in rows and seeds in columns), keeps the first ``--rows`` rows of each and writes them next to
-each other with a caption above each half.
+prompts in rows and seeds in columns, captioned), keeps the first ``--rows`` rows of each (located with
+``eval_step_N.json``) and writes them next to each other with a caption above each half.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -37,11 +38,25 @@ def eval_grids(run: Path) -> tuple[Path, Path, int]:
     return steps[0], steps[last], last
 
 
-def top_rows(grid: Image.Image, rows: int, ncol: int) -> Image.Image:
-    """The first ``rows`` of a grid of square tiles, ``ncol`` to a row (the trainer's eval grids)."""
+def top_rows(grid: Image.Image, rows: int, ncol: int, layout: dict | None = None) -> Image.Image:
+    """The first ``rows`` of an evaluation grid: with its layout (``eval_step_N.json``, written with the
+    captioned grids) its title, seed labels and prompt column stay; without one (runs written before
+    captions), a grid of bare square tiles, ``ncol`` to a row."""
+    if layout and layout.get("rows"):
+        bottom = layout["rows"][min(rows, len(layout["rows"])) - 1][1]
+        return grid.crop((0, 0, grid.width, min(bottom, grid.height)))
     total_rows = max(1, round(grid.height * ncol / grid.width))
     height = round(grid.height * min(rows, total_rows) / total_rows)
     return grid.crop((0, 0, grid.width, height))
+
+
+def layout_of(grid: Path) -> dict | None:
+    """The grid's layout JSON (``eval_step_N.json`` beside ``eval_step_N.png``), or None."""
+    path = grid.with_suffix(".json")
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def run_config(run: Path) -> tuple[int, str]:
@@ -66,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     before_path, after_path, step = eval_grids(args.run)
     ncol, method = run_config(args.run)
     label = args.label or f"{method} LoRA"
-    before = top_rows(Image.open(before_path).convert("RGB"), args.rows, ncol)
-    after = top_rows(Image.open(after_path).convert("RGB"), args.rows, ncol)
-    canvas = Image.new("RGB", (before.width + GAP + after.width, CAPTION + before.height), "white")
+    before = top_rows(Image.open(before_path).convert("RGB"), args.rows, ncol, layout_of(before_path))
+    after = top_rows(Image.open(after_path).convert("RGB"), args.rows, ncol, layout_of(after_path))
+    canvas = Image.new("RGB", (before.width + GAP + after.width, CAPTION + max(before.height, after.height)), "white")
     canvas.paste(before, (0, CAPTION))
     canvas.paste(after, (before.width + GAP, CAPTION))
     draw = ImageDraw.Draw(canvas)

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffalign.gallery import grid  # noqa: E402
+from diffalign.gallery import captioned_grid  # noqa: E402
 from diffalign.shapes import parse_caption, sample_prompts  # noqa: E402
 from diffalign.shapes.data import render_batch  # noqa: E402
 from diffalign.shapes.verifier import gold_accuracy, verify_batch  # noqa: E402
@@ -81,7 +81,13 @@ def main() -> None:
         summary[split] = row
         if args.grid and split == "heldout":
             data = render_batch([parse_caption(q) for q in prompts[:16]], seed=99)
-            grid_img = grid(torch.cat([data, images[:16].cpu()]), ncol=8, scale=3)
+            grid_img, _ = captioned_grid(
+                torch.cat([data, images[:16].cpu()]),
+                ncol=8,
+                scale=3,
+                title="held-out prompts: rows 1-2 rendered data, rows 3-4 the pipeline's samples (same prompts)",
+                captions=prompts[:16] * 2,
+            )
             args.grid.parent.mkdir(parents=True, exist_ok=True)
             grid_img.save(args.grid)
     t0 = time.perf_counter()

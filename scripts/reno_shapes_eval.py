@@ -115,7 +115,14 @@ def evaluate(args: argparse.Namespace) -> dict:
                 fh.write(json.dumps(row) + "\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         k = min(n, 16)  # first 16 pairs: top row base samples, bottom row ReNO best
-        save_grid(torch.stack(initial[:k] + best[:k]), out / "before_after.png", ncol=k)
+        save_grid(
+            torch.stack(initial[:k] + best[:k]),
+            out / "before_after.png",
+            ncol=k,
+            title=f"ReNO on shapes_clip, the first {k} images (one per column)",
+            row_labels=["base sample (iteration 0)", "ReNO best"],
+            captions=all_prompts[:k] * 2,
+        )
     return summary
 
 

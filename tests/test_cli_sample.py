@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from diffalign.cli import build_parser, image_seed, main
+from diffalign.gallery.grids import ROW_LABEL_WIDTH
 from reward_models import get_reward
 from reward_models.loading import load_image
 
@@ -77,8 +78,13 @@ def test_sample_outputs_and_prompts_jsonl(batch3: Path) -> None:
     assert [image_seed(0, i, j, 2) for i in range(2) for j in range(2)] == [0, 1, 2, 3]
     assert image_seed(10, 2, 1, 4) == 10 + 2 * 4 + 1
     assert all(pixels(batch3 / r["file"]).shape == (32, 32, 3) for r in rows)
-    grid = Image.open(batch3 / "grid" / "grid.png")  # 2 x 2 tiles of 32 px, 2 px padding, upscaled twice
-    assert grid.size == (2 * (2 * 34 + 2), 2 * (2 * 34 + 2))
+    grid = np.asarray(Image.open(batch3 / "grid" / "grid.png").convert("RGB")).astype(np.int16)
+    layout = json.loads((batch3 / "grid" / "grid.json").read_text())  # 2 x 2 tiles of 32 px, upscaled twice
+    assert layout["row_labels"] == PROMPTS and len(layout["rows"]) == 2 and "2 DDIM steps" in layout["title"]
+    for k, r in enumerate(rows):  # each tile, right of the prompt column, is its image
+        y, x = layout["rows"][k // 2][0] + 2, ROW_LABEL_WIDTH + 4 + (k % 2) * 66
+        tile = pixels(batch3 / r["file"]).repeat(2, axis=0).repeat(2, axis=1)
+        assert (grid[y : y + 64, x : x + 64] == tile).all()
     settings = json.loads((batch3 / "sample.json").read_text())
     assert settings["guidance"] == 3.0 and settings["eta"] == 1.0 and settings["batch_size"] == 3
 

@@ -50,6 +50,9 @@ class StepResult:
     updates: int  # optimizer updates performed in the step
     stats: dict[str, float] = field(default_factory=dict)  # method diagnostics (averaged over processes)
     images: torch.Tensor | None = None  # some images of the step (for sample grids), [B, 3, H, W] in [0, 1]
+    # the prompt of each of ``images`` (their grid's captions); ``images`` are the last ``len(images)`` samples
+    # of ``reward``
+    prompts: list[str] | None = None
 
 
 class StepContext(Protocol):

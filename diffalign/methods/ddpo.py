@@ -215,6 +215,7 @@ class PPOStats:
             updates=len(self.norms),
             stats={**self.diagnostics(), "advantage_abs": float(adv.abs().mean()), **stats},
             images=images,
+            prompts=list(traj.prompts[-len(images) :]) if images is not None else None,
         )
 
 

@@ -176,6 +176,7 @@ class RewardBackprop(Method):
             updates=1,
             stats={k: sum(s[k] for s in stats_all) / len(stats_all) for k in keys},
             images=images.detach() if images is not None else None,
+            prompts=list(prompts) if images is not None else None,
         )
 
     def _sample(self, ctx: StepContext, prompts: list[str], grad_from: int, stop_at: int | None = None):

@@ -42,24 +42,20 @@ can be optimized; see reward_models/README.md for the rewards and their options.
 
 
 # ------------------------------------------------------------------------------------------------ output
-def strip_image(strip: Sequence[tuple[int, torch.Tensor]], min_side: int = 96):
-    """The strip images side by side (upscaled to ``min_side`` px), each labelled with its iteration."""
-    from PIL import Image, ImageDraw
+def strip_image(
+    strip: Sequence[tuple[int, torch.Tensor]],
+    min_side: int = 96,
+    title: str | None = None,
+    labels: dict[int, str] | None = None,
+):
+    """The strip images side by side (upscaled to ``min_side`` px), each labelled with its iteration
+    (and ``labels[iteration]``, e.g. its reward, under it), under a ``title`` line (e.g. the prompt)."""
+    from diffalign.gallery.grids import captioned_grid
 
-    from diffalign.gallery import to_pil
-
-    tiles = [(it, to_pil(img)) for it, img in strip]
-    w, h = tiles[0][1].size
-    scale = max(1, math.ceil(min_side / min(w, h)))
-    w, h = w * scale, h * scale
-    band, pad = 14, 2
-    canvas = Image.new("RGB", (len(tiles) * (w + pad) + pad, h + band + 2 * pad), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for k, (it, tile) in enumerate(tiles):
-        x = pad + k * (w + pad)
-        canvas.paste(tile.resize((w, h), Image.Resampling.NEAREST), (x, pad + band))
-        draw.text((x + 2, pad), f"it {it}", fill=(0, 0, 0))
-    return canvas
+    images = torch.stack([img.detach().float().cpu() for _, img in strip])
+    scale = max(1, math.ceil(min_side / min(images.shape[-2:])))
+    captions = [f"it {it}" + (f" {labels[it]}" if labels and it in labels else "") for it, _ in strip]
+    return captioned_grid(images, len(strip), title=title, captions=captions, scale=scale)[0]
 
 
 _OUT_MESSAGES = {  # check_out_dir's wording (diffalign.paths.OUTPUT_MESSAGES otherwise)
@@ -119,7 +115,10 @@ def save_result(result: RenoResult, out_dir: Path) -> Path:
         to_pil(result.best_image).save(out_dir / "best.png")
         to_pil(result.final_image).save(out_dir / "final.png")
         to_pil(result.initial_image).save(out_dir / "initial.png")
-        strip_image(result.strip).save(out_dir / "strip.png")
+        name = next(iter(result.records[0].rewards), None) if result.records else None
+        labels = {r.iter: f"{name} {r.rewards[name]:.3g}" for r in result.records if name in r.rewards}
+        title = f"ReNO: {result.prompt} (best: iteration {result.best_iter})"
+        strip_image(result.strip, title=title, labels=labels).save(out_dir / "strip.png")
         with (out_dir / "rewards.jsonl").open("w", encoding="utf-8") as fh:
             for rec in result.records:
                 fh.write(json.dumps(rec.to_json()) + "\n")
