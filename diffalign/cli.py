@@ -301,7 +301,7 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from diffalign.gallery import save_grid, save_images
-    from diffalign.pipelines import load_lora, load_pipeline
+    from diffalign.pipelines import draw_images, load_lora, load_pipeline
 
     if args.run is not None:
         return _sample_run(args)
@@ -333,17 +333,16 @@ def _sample(args: argparse.Namespace) -> int:
     with index:
         for start in range(0, len(jobs), args.batch_size):
             batch = jobs[start : start + args.batch_size]
-            images = pipe(
-                prompt=[prompt for prompt, _ in batch],
-                negative_prompt=[args.negative_prompt] * len(batch) if args.negative_prompt else None,
-                height=size[0] if size else None,
-                width=size[1] if size else None,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
+            images = draw_images(
+                pipe,
+                [prompt for prompt, _ in batch],
+                [seed for _, seed in batch],
+                steps=args.steps,
+                guidance=args.guidance,
                 eta=args.eta,
-                generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in batch],
-                output_type="pt",
-            ).images.cpu()
+                negative_prompt=args.negative_prompt,
+                size=size,
+            )
             shape = tuple(images.shape[-2:])
             with _writing(out):
                 paths = save_images(images, out, [prompt for prompt, _ in batch], start=start)

@@ -220,6 +220,34 @@ def encode_prompts(pipe, prompts: list[str], negative_prompt: str | None = None,
     return Conditioning(cond, uncond if guidance else None, added, added_u)
 
 
+def draw_images(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    steps: int,
+    guidance: float,
+    eta: float,
+    negative_prompt: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] (CPU) from the pipeline's own sampler, image i drawn with its own CPU
+    generator seeded ``seeds[i]`` (so the batch size changes no image beyond kernel rounding)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    return pipe(
+        prompt=list(prompts),
+        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+        height=size[0] if size else None,
+        width=size[1] if size else None,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        eta=eta,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        output_type="pt",
+    ).images.cpu()
+
+
 def initial_latents(
     pipe, batch: int, generator=None, height: int | None = None, width: int | None = None
 ) -> torch.Tensor:

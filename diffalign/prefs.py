@@ -174,7 +174,7 @@ def run_prefs(args: argparse.Namespace) -> int:
 
     from diffalign.cli import _writing, image_seed, make_dir, parse_device
     from diffalign.gallery import to_pil
-    from diffalign.pipelines import load_lora, load_pipeline
+    from diffalign.pipelines import draw_images, load_lora, load_pipeline
 
     _check_args(args)
     prompts = _prompts(args)
@@ -209,14 +209,14 @@ def run_prefs(args: argparse.Namespace) -> int:
             jobs = [(p, image_seed(args.seed, i, j, args.n)) for i, p in enumerate(prompts) for j in range(args.n)]
             for start in range(0, len(jobs), args.batch_size):
                 batch = jobs[start : start + args.batch_size]
-                images = pipe(
-                    prompt=[p for p, _ in batch],
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance,
+                images = draw_images(
+                    pipe,
+                    [p for p, _ in batch],
+                    [s for _, s in batch],
+                    steps=args.steps,
+                    guidance=args.guidance,
                     eta=args.eta,
-                    generator=[torch.Generator("cpu").manual_seed(s) for _, s in batch],
-                    output_type="pt",
-                ).images.cpu()
+                )
                 total, parts = _score(rewards, images.to(device), [p for p, _ in batch])
                 for (prompt, seed), name, r, part in zip(batch, save(images, start), total, parts, strict=True):
                     samples.append({"file": name, "prompt": prompt, "seed": seed, "reward": r, "rewards": part})
