@@ -461,7 +461,7 @@ def collect(
     2k, 2k+1 of a pair, which then differ only by their per-step noise, as D3PO samples pairs; spec
     §5.1), the chain :func:`~diffalign.sampling.sample_trajectory` with ``eta`` and ``ctx.generator``
     (latents x_T..x_0 and log pi_old per step, DDIM Eq. 12 / spec §1.2), ``ctx.decode`` of x_0,
-    ``ctx.reward_terms`` (each reward's values, NaN-checked), ``ctx.gather`` of each reward's values and
+    ``ctx.reward_values`` (each reward's values, NaN-checked), ``ctx.gather`` of each reward's values and
     of the group ids (every process must call this collectively, with the same N), then ``ctx.combine``
     of the gathered values (``reward.combine`` over the whole sampling batch of all processes; with
     ``select_in_groups`` a selecting combiner selects within each group, as GRPO's groups of one
@@ -486,7 +486,7 @@ def collect(
             x_T = ctx.initial_latents(n)
         traj = sample_trajectory(denoise, sampler, x_T, eta=eta, generator=ctx.generator)
         images = ctx.decode(traj.final)
-        _, parts = ctx.reward_terms(images, prompts)
+        parts = ctx.reward_values(images, prompts)
         gathered_rewards = {k: ctx.gather(v.detach()).cpu() for k, v in parts.items()}
         device = next(iter(parts.values())).device
         gathered_ids = ctx.gather(ids.to(device)).cpu()

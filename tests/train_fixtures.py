@@ -132,7 +132,7 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
 
 
 class FakeCombining:
-    """What a fake StepContext needs for ``reward.combine``: ``combine`` and ``reward_terms`` over its own
+    """What a fake StepContext needs for ``reward.combine``: ``combine``, ``reward_values`` and ``reward_terms`` over its own
     ``rewards()``, with ``combiner`` (default: the weighted sum of the rewards it returns, weight 1)."""
 
     combiner = None
@@ -144,8 +144,11 @@ class FakeCombining:
             self.combiner = build_combiner("weighted", list(values))
         return self.combiner(values, groups)
 
+    def reward_values(self, images, prompts):
+        return self.rewards(images, prompts)[1]
+
     def reward_terms(self, images, prompts):
-        _, parts = self.rewards(images, prompts)
+        parts = self.reward_values(images, prompts)
         return self.combine(parts), parts
 
 

@@ -79,6 +79,11 @@ class StepContext(Protocol):
         """The combined reward signal [B] and each reward's values (NaN-checked)."""
         ...
 
+    def reward_values(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Each reward's values ``{key: Tensor[B]}`` of this batch (NaN-checked), not combined: for callers
+        that gather them over processes and combine the whole batch (:func:`diffalign.rollouts.collect`)."""
+        ...
+
     def reward_terms(self, images: torch.Tensor, prompts: list[str]) -> tuple[Combined, dict[str, torch.Tensor]]:
         """Each reward's values combined over this batch by ``reward.combine`` (signal, per-sample weights,
         selection mask, stats; :class:`diffalign.combine.Combined`), and the values themselves."""
