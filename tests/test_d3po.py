@@ -59,6 +59,19 @@ def test_pairs_share_initial_noise_and_trained_steps():
     assert res["loss"] == pytest.approx(math.log(2), abs=1e-6) and len(res["norms"]) == 1
 
 
+def test_unshuffled_pairs_train_the_first_steps():
+    """shuffle_timesteps false: every pair trains steps 0..K-1 (the earliest, noisiest), as grpo's option."""
+    ctx = RecordingCtx(steps=4, batch_size=2, reward_fn=lambda images, prompts: images.mean(dim=(1, 2, 3)))
+    method = D3PO(
+        D3POConfig(train_batch_size=2, timestep_fraction=0.5, shuffle_timesteps=False), ctx.sample, TrainConfig()
+    )
+    _, pairs = method.collect(ctx, [PromptBatch(["a", "b"], ["a", "b"])], ctx.sampler)
+    ctx.calls.clear()
+    method.train_pairs(ctx, pairs, ctx.sampler)
+    first = pairs.timesteps[:2].tolist()
+    assert [sorted(set(t.tolist())) for t in ctx.calls] == [[first[0]], [first[1]], [first[0]], [first[1]]]
+
+
 def test_dominance_preferences_from_several_rewards():
     ctx = FakeCtx(steps=2, batch_size=2)
     r1, r2 = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([1.0, 0.0, 0.0, 1.0])

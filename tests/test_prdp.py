@@ -24,17 +24,25 @@ def grads(params):
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_two_pass_gradient_equals_single_pass_autograd(sd_dir, reduction):
+@pytest.mark.parametrize(("reduction", "fraction", "k"), [("sum", 1.0, 3), ("mean", 1.0, 3), ("sum", 0.67, 2)])
+def test_two_pass_gradient_equals_single_pass_autograd(sd_dir, reduction, fraction, k):
     """T = 3, two prompts x G = 3 on the tiny SD pipeline with a non-zero LoRA (theta != ref) and theta_old
     shifted so that some steps are clipped: the per-step backward of G * logp accumulates exactly the
-    gradient of one autograd pass through all 3 x 6 log-probs."""
+    gradient of one autograd pass through all K x 6 log-probs (K = 3, or the first 2 steps with
+    timestep_fraction 0.67: the partial-trajectory score)."""
     ctx, params = pipe_rollout(sd_dir, steps=3, batch_size=2)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn_like(p))
-    cfg = PRDPConfig(group_size=3, beta=0.05, clip_range=0.02, logprob_reduction=reduction, train_batch_size=4)
+    cfg = PRDPConfig(
+        group_size=3,
+        beta=0.05,
+        clip_range=0.02,
+        logprob_reduction=reduction,
+        train_batch_size=4,
+        timestep_fraction=fraction,
+    )
     method = PRDP(cfg, ctx.sample, TrainConfig())
     batch = PromptBatch(["a red circle", "two blue squares"], ["a red circle", "two blue squares"])
     rollout = method.collect(ctx, [batch], ctx.sampler)
@@ -43,9 +51,11 @@ def test_two_pass_gradient_equals_single_pass_autograd(sd_dir, reduction):
     rewards = torch.tensor([0.3, 0.1, 0.2, 0.0, 0.5, 0.1])
     scale = method.scale(traj)
     logp_ref = method.logprobs(ctx, traj, ctx.sampler, reference=True)
-    logp_old = traj.log_probs.float() * scale + 0.03 * torch.randn(traj.log_probs.shape)  # some steps clip
+    assert method.trained_steps(traj) == k
+    logp_old = traj.log_probs[:, :k].float() * scale + 0.03 * torch.randn(len(traj), k)  # some steps clip
     # two passes
     logp = method.logprobs(ctx, traj, ctx.sampler)
+    assert logp.shape == logp_ref.shape == (6, k)
     loss, g, st = loss_gradient(logp, logp_old, logp_ref, rewards, traj.group_ids, cfg)
     assert 0 < st["clipfrac"] < 1 and st["pairs"].item() == 6
     method.backward_steps(ctx, traj, g, ctx.sampler)
@@ -56,7 +66,7 @@ def test_two_pass_gradient_equals_single_pass_autograd(sd_dir, reduction):
     denoise = ctx.denoiser(traj.prompts)
     rows = list(range(len(traj)))
     full = torch.stack(
-        [method._step(denoise, ctx.sampler, traj, rows, k).log_prob.float() * scale for k in range(3)], dim=1
+        [method._step(denoise, ctx.sampler, traj, rows, k).log_prob.float() * scale for k in range(k)], dim=1
     )
     ref_loss, _ = prdp_loss(full, logp_old, logp_ref, rewards, traj.group_ids, cfg.beta, cfg.clip_range)
     ref_loss.backward()

@@ -53,6 +53,7 @@ class D3POConfig:
     eps: float = 0.1  # the ratio clamp [1 - eps, 1 + eps] (train.eps)
     preference: Literal["reward", "dominance"] = "reward"  # d3po: combined reward signal, or Pareto dominance
     timestep_fraction: float = 1.0  # fraction of the T steps trained per pair (train.timestep_fraction)
+    shuffle_timesteps: bool = True  # a random subset of steps per pair (d3po); false: steps 0..K-1 (as grpo's)
     inner_epochs: int = 1  # passes over each step's pairs (train.num_inner_epochs)
     train_batch_size: int = 1  # pairs per minibatch, per process (train.batch_size)
 
@@ -135,7 +136,9 @@ class D3PO(Method):
         norms: list[float] = []
         for _ in range(cfg.inner_epochs):
             order = torch.randperm(p, generator=ctx.generator)
-            steps = timestep_subsample(2 * p, num_steps, cfg.timestep_fraction, ctx.generator, pair_with=owners).cpu()
+            steps = timestep_subsample(
+                2 * p, num_steps, cfg.timestep_fraction, ctx.generator, pair_with=owners, shuffle=cfg.shuffle_timesteps
+            ).cpu()
             for m in range(p // tb):
                 idx = order[m * tb : (m + 1) * tb]
                 rows = torch.stack([2 * idx, 2 * idx + 1], dim=1).reshape(-1)  # a0 b0 a1 b1 ...

@@ -6,7 +6,8 @@ sampling batch ``group_size`` times (a group per prompt, on one process) at ``sa
 DDPM-like sampler of the paper), with the log-probs of every step; the samples are scored by the combined
 training reward. The reference's log-probs of every stored step are computed once (LoRA disabled,
 ``ctx.reference()``, no gradient). Then ``inner_epochs`` (the paper's K) gradient updates, each on the
-full-trajectory loss of :func:`diffalign.methods.prdp_loss.prdp_loss` over all T steps, by the exact
+full-trajectory loss of :func:`diffalign.methods.prdp_loss.prdp_loss` over all T steps (or the first
+K = int(T * ``timestep_fraction``) of them, our partial-trajectory variant), by the exact
 two-pass gradient of spec §4.2:
 
 1. a no-grad pass recomputes ``logp_theta`` [N, T] of every stored transition (before the first update
@@ -53,6 +54,10 @@ class PRDPConfig:
     inner_epochs: int = 10  # K: gradient updates per epoch of samples (Table 4: 10 small-scale, 1 large-scale)
     logprob_reduction: Literal["sum", "mean"] = "sum"  # sum: the paper's density over all latent elements
     train_batch_size: int = 8  # trajectories per UNet call in the two passes (memory only; the update is exact)
+    # Fraction of the T steps in the trajectory score s(tau): the first int(T * f) steps (1.0: the paper's
+    # full trajectory). < 1 is our partial-trajectory variant (docs/training.md): cost 2K instead of 2T UNet
+    # calls per trajectory, and the early steps, where layout and counts are decided, carry the objective.
+    timestep_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -63,6 +68,8 @@ class PRDPConfig:
             raise DiffalignError(f"prdp.clip_range must be > 0, got {self.clip_range}")
         if self.logprob_reduction not in ("sum", "mean"):
             raise DiffalignError(f"prdp.logprob_reduction must be 'sum' or 'mean', got {self.logprob_reduction!r}")
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise DiffalignError(f"prdp.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.inner_epochs < 1 or self.train_batch_size < 1:
             raise DiffalignError("prdp.inner_epochs and prdp.train_batch_size must be >= 1")
 
@@ -111,9 +118,14 @@ class PRDP(Method):
         """Mean-reduced log-probs -> the configured reduction (x C*H*W for ``sum``)."""
         return float(traj.latents[0, 0].numel()) if self.cfg.logprob_reduction == "sum" else 1.0
 
+    def trained_steps(self, traj: Trajectories) -> int:
+        """K: the score s(tau) covers steps 0..K-1, K = max(1, int(T * timestep_fraction))."""
+        return max(1, int(traj.num_steps * self.cfg.timestep_fraction))
+
     # 2. log-probs of every stored step (no gradient), under the policy or inside ctx.reference()
     def logprobs(self, ctx: StepContext, traj: Trajectories, sampler: Sampler, reference: bool = False) -> torch.Tensor:
-        """``log pi(x_{k+1} | x_k, c)`` [N, T] of every stored transition, in chunks of ``train_batch_size``."""
+        """``log pi(x_{k+1} | x_k, c)`` [N, K] of the first K stored transitions (:meth:`trained_steps`), in
+        chunks of ``train_batch_size``."""
         n, tb, out = len(traj), self.cfg.train_batch_size, []
         with torch.no_grad():
             ctx_ref = ctx.reference() if reference else contextlib.nullcontext()
@@ -121,7 +133,9 @@ class PRDP(Method):
                 for start in range(0, n, tb):
                     rows = list(range(start, min(start + tb, n)))
                     denoise = ctx.denoiser([traj.prompts[i] for i in rows])
-                    cols = [self._step(denoise, sampler, traj, rows, k).log_prob for k in range(traj.num_steps)]
+                    cols = [
+                        self._step(denoise, sampler, traj, rows, k).log_prob for k in range(self.trained_steps(traj))
+                    ]
                     out.append(torch.stack(cols, dim=1))
         return torch.cat(out).float() * self.scale(traj)
 
@@ -142,7 +156,7 @@ class PRDP(Method):
             if not bool((g != 0).any()):
                 continue
             denoise = ctx.denoiser([traj.prompts[i] for i in rows])
-            for k in range(traj.num_steps):
+            for k in range(grad.shape[1]):
                 coeff = g[:, k].to(traj.latents.device)
                 if not bool((coeff != 0).any()):
                     continue
@@ -154,7 +168,7 @@ class PRDP(Method):
         rollout = self.collect(ctx, batches, sampler)
         traj = rollout.trajectories
         rewards, ids = traj.reward.detach().float().cpu(), traj.group_ids.cpu()
-        logp_old = traj.log_probs.float().cpu() * self.scale(traj)
+        logp_old = traj.log_probs[:, : self.trained_steps(traj)].float().cpu() * self.scale(traj)
         logp_ref = self.logprobs(ctx, traj, sampler, reference=True).cpu()
         losses, norms, stats = [], [], []
         for epoch in range(self.cfg.inner_epochs):
