@@ -129,7 +129,7 @@ class OpenClipBackbone(FrozenBackbone):
 
     def __init__(self, model: str, pretrained: str | None = None) -> None:
         super().__init__()
-        from reward_models.clip_score import OpenClipImageMixin, load_open_clip
+        from reward_models.clip_score import load_open_clip
 
         clip, _, _ = load_open_clip(model, pretrained)
         self.visual = clip.visual  # the text tower is dropped with ``clip``

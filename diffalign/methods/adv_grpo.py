@@ -103,7 +103,10 @@ class AdvGRPOConfig(GRPOConfig):
             (0.0 <= self.patch_weight <= 1.0, "patch_weight must be in [0, 1]"),
             (self.reward_clip > 0, "reward_clip must be > 0"),
             (self.disc_lr > 0, "disc_lr must be > 0"),
-            (0.0 <= self.disc_beta1 < 1.0 and 0.0 <= self.disc_beta2 < 1.0, "disc_beta1 and disc_beta2 must be in [0, 1)"),
+            (
+                0.0 <= self.disc_beta1 < 1.0 and 0.0 <= self.disc_beta2 < 1.0,
+                "disc_beta1 and disc_beta2 must be in [0, 1)",
+            ),
             (self.disc_steps >= 1, "disc_steps must be >= 1"),
             (self.disc_batch_size >= 0, "disc_batch_size must be >= 0 (0: the step's samples)"),
             (self.policy_every >= 1, "policy_every must be >= 1"),
@@ -285,7 +288,7 @@ def list_reference_images(folder: str) -> tuple[list[Path], list[str | None]]:
             text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
             name = record.get("file_name") if isinstance(record, dict) else None
             if not isinstance(name, str) or not isinstance(text, str):
-                raise DiffalignError(f"{sidecar}:{n}: expected {{\"file_name\": \"IMAGE\", \"prompt\": \"TEXT\"}}")
+                raise DiffalignError(f'{sidecar}:{n}: expected {{"file_name": "IMAGE", "prompt": "TEXT"}}')
             prompts[name] = text.strip()
     for f in files:
         txt = f.with_suffix(".txt")
