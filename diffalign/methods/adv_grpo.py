@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from diffalign.config import DiffalignConfig, SampleConfig, TrainConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SIDECAR = "metadata.jsonl"
+SIDECARS = ("metadata.jsonl", "prompts.jsonl")  # Hugging Face imagefolder; diffalign sample's index
 REWARD_NAME = "adversarial"
 
 
@@ -61,7 +61,8 @@ class AdvGRPOConfig(GRPOConfig):
     """The ``adv_grpo:`` section: every ``grpo:`` key (same defaults) and the discriminator's (docs/training.md)."""
 
     # reference images ("real"): "shapes" = the shapes generator's renders of the step's prompts; else a folder
-    # of images (optional prompts: metadata.jsonl {"file_name", "prompt"} or one <image stem>.txt per image)
+    # of images (optional prompts: metadata.jsonl {"file_name", "prompt"}, diffalign sample's prompts.jsonl,
+    # or one <image stem>.txt per image)
     reference: str = "shapes"
     match_prompts: bool = True  # real images of the step's prompts where the folder has them (else any)
     eval_references: int = 32  # held-out references for the eval accuracy (a folder keeps at most a quarter)
@@ -258,11 +259,31 @@ def fit_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return image[:, top : top + height, left : left + width].clamp(0, 1).contiguous()
 
 
+def _read_sidecar(sidecar: Path) -> dict[str, str]:
+    """File name -> prompt from a JSONL sidecar: ``{"file_name" or "file": NAME, "prompt" or "text": TEXT}`` lines."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(sidecar.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DiffalignError(f"{sidecar}:{n}: not JSON ({err.msg}); write one object per line") from None
+        record = record if isinstance(record, dict) else {}
+        name = record.get("file_name", record.get("file"))
+        text = record.get("prompt", record.get("text"))
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise DiffalignError(f'{sidecar}:{n}: expected {{"file_name": "IMAGE", "prompt": "TEXT"}}')
+        out[name] = text.strip()
+    return out
+
+
 def list_reference_images(folder: str) -> tuple[list[Path], list[str | None]]:
     """The images of a reference folder (sorted) and the prompt of each (None when unknown).
 
     Prompts come from ``metadata.jsonl`` (one ``{"file_name": ..., "prompt": ...}`` per line, ``text``
-    also accepted: the Hugging Face imagefolder layout) or from ``<image stem>.txt``. A missing folder,
+    also accepted: the Hugging Face imagefolder layout), ``prompts.jsonl`` (``{"file": ..., "prompt": ...}``:
+    what ``diffalign sample`` writes next to its images) or ``<image stem>.txt``. A missing folder,
     a file instead of a folder, a folder without images or a bad sidecar line is a one-line error.
     """
     path = Path(folder).expanduser()
@@ -276,20 +297,9 @@ def list_reference_images(folder: str) -> tuple[list[Path], list[str | None]]:
     if not files:
         raise DiffalignError(f"{what} holds no images ({', '.join(IMAGE_SUFFIXES)}); {fix}")
     prompts: dict[str, str] = {}
-    sidecar = path / SIDECAR
-    if sidecar.is_file():
-        for n, line in enumerate(sidecar.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DiffalignError(f"{sidecar}:{n}: not JSON ({err.msg})") from None
-            text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
-            name = record.get("file_name") if isinstance(record, dict) else None
-            if not isinstance(name, str) or not isinstance(text, str):
-                raise DiffalignError(f'{sidecar}:{n}: expected {{"file_name": "IMAGE", "prompt": "TEXT"}}')
-            prompts[name] = text.strip()
+    for sidecar in (path / name for name in SIDECARS):
+        if sidecar.is_file():
+            prompts |= _read_sidecar(sidecar)
     for f in files:
         txt = f.with_suffix(".txt")
         if f.name not in prompts and txt.is_file():
