@@ -449,7 +449,10 @@ class AdvGRPO(GRPO):
     ) -> dict[str, float]:
         """``updates`` Adam steps of L_D (:func:`discriminator_loss`) on reference images vs fakes (this step's
         ``fresh`` features, a ``replay_fraction`` share from the replay buffer); gradients averaged over
-        processes. With ``updates = 0``: the loss and accuracies of one batch, without a step."""
+        processes. With ``updates = 0``: the loss and accuracies of one batch, without a step.
+
+        Returns the first update's loss and accuracies, computed before it (the discriminator that scored
+        this step's samples, on fresh samples it has not trained on), and the last update's loss."""
         cfg, gen, dev = self.cfg, ctx.generator, self._head_device()
         n = fresh.shape[0]
         b = cfg.disc_batch_size or n
@@ -474,9 +477,8 @@ class AdvGRPO(GRPO):
                 ctx.sync_gradients(self.head.parameters())
                 self.opt.step()
             records.append(st)
-        return {f"disc_{k}": sum(r[k] for r in records) / len(records) for k in records[0]} | {
-            "disc_updates": float(updates)
-        }
+        first = {f"disc_{k}": v for k, v in records[0].items()}  # the discriminator that scored the step's samples
+        return first | {"disc_loss_last": records[-1]["loss"], "disc_updates": float(updates)}
 
     def reference_mean(self, ctx: StepContext, prompts: list[str], size: tuple[int, int]) -> float:
         """m_ref: the mean reward of one batch of references under the current discriminator, over processes."""
