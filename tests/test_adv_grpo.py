@@ -189,7 +189,9 @@ def test_eval_stats_and_backbones(tmp_path):
     ctx = AdvCtx(steps=2, batch_size=2)
     method = configured(ctx)
     stats = method.eval_stats(ctx, torch.rand(4, 3, 8, 8), PROMPTS * 2)
-    assert stats == {k: stats[k] for k in ("adv/acc", "adv/acc_real", "adv/acc_fake", "adv/reward_real", "adv/reward_fake")}
+    assert stats == {
+        k: stats[k] for k in ("adv/acc", "adv/acc_real", "adv/acc_fake", "adv/reward_real", "adv/reward_fake")
+    }
     assert stats["adv/acc"] == 0.0  # score 0 at init: neither side is called right
     dino = load_backbone("dinov2", str(make_dinov2_dir(tmp_path / "dino")))
     images = torch.rand(2, 3, 40, 40)
