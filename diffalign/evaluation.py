@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -154,8 +155,13 @@ class Evaluator:
         return generate_images(ctx, self.prompts, items, eta, self.cfg.batch_size)
 
     @torch.no_grad()
-    def evaluate(self, ctx: Any, step: int) -> tuple[dict[str, Any] | None, torch.Tensor]:
-        """One evaluation; returns (record on the main process else None, this process's images)."""
+    def evaluate(
+        self, ctx: Any, step: int, extra: Callable[[Any, torch.Tensor, list[str]], dict[str, float]] | None = None
+    ) -> tuple[dict[str, Any] | None, torch.Tensor]:
+        """One evaluation; returns (record on the main process else None, this process's images).
+
+        ``extra(ctx, images, prompts)`` (the method's :meth:`~diffalign.methods.base.Method.eval_stats`) adds
+        its numbers to the record, averaged over the processes that had images."""
         from accelerate.utils import gather_object
 
         start = time.perf_counter()
@@ -183,14 +189,20 @@ class Evaluator:
             cols = {k: v.detach().float().cpu().tolist() for k, v in cols.items()}
             rows = [{k: cols[k][n] for k in cols} for n in range(len(items))]
             per_prompt = [pairwise_rms(images[j : j + len(seeds)]) for j in range(0, len(items), len(seeds))]
+            added = [extra(ctx, images, prompts)] if extra is not None else []
+        else:
+            added = []
         rows = gather_object(rows)
         per_prompt = gather_object(per_prompt)
+        added = [a for a in gather_object(added) if a]
         if not ctx.is_main_process:
             return None, images
         record: dict[str, Any] = {"step": step, "n_images": len(rows)}
         for key in rows[0]:
             record[key] = sum(r[key] for r in rows) / len(rows)
         record["diversity"] = sum(per_prompt) / len(per_prompt)
+        for key in added[0] if added else {}:
+            record[key] = sum(a[key] for a in added) / len(added)
         bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise DiffalignError(f"evaluation at step {step}: {bad[0]} is NaN or infinite; check that reward")

@@ -213,6 +213,12 @@ class Rollout:
         return self.adapters_disabled(self.pipe)
 
     # ------------------------------------------------------------------------- rewards
+    @property
+    def reward_models(self) -> dict[str, Any]:
+        """The run's training rewards by key (``reward.rewards``): a method that owns a reward's scorer
+        (Adv-GRPO's discriminator, ``reward_models.adversarial``) binds it here in ``configure``."""
+        return self.trainer.rewards
+
     def reward_values(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Every training reward's values ``{key: Tensor[B]}``, stopping every process with one line if any
         reward is NaN or infinite anywhere."""
@@ -288,10 +294,15 @@ class Rollout:
 
 def gallery_command(cfg: DiffalignConfig, out: Path) -> str:
     """The ``diffalign gallery`` command comparing the base model with the run ``out`` on its evaluation
-    prompts and seeds, scored by its training and held-out rewards (gold added by the gallery for shapes)."""
+    prompts and seeds, scored by its training and held-out rewards (gold added by the gallery for shapes;
+    a reward that scores only inside its run, Adv-GRPO's ``adversarial``, left out)."""
     import shlex
 
+    from reward_models import RewardSpec
+    from reward_models.registry import reward_class
+
     rewards = list(dict.fromkeys([*cfg.reward.rewards, *cfg.eval.rewards]))
+    rewards = [s for s in rewards if reward_class(RewardSpec.parse(s).name).standalone]  # not a run's discriminator
     parts = ["diffalign", "gallery", "--run", str(out)]
     for spec in rewards:
         parts += ["--reward", spec]
@@ -711,7 +722,7 @@ class Trainer:
 
         self.ctx.step = step
         with self.acc.autocast():
-            record, images = self.evaluator.evaluate(self.ctx, step)
+            record, images = self.evaluator.evaluate(self.ctx, step, self.method.eval_stats)
         if record is None:
             return
         self._append("eval.jsonl", record)

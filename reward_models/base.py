@@ -94,6 +94,7 @@ class Reward(torch.nn.Module, metaclass=abc.ABCMeta):
             build a graph back to the pixels.
         range: the typical range of the score, for documentation and normalisation (not a clamp).
         spec: the :class:`~reward_models.registry.RewardSpec` it was built from (``get_reward`` sets it).
+        standalone: whether it scores on its own (``diffalign score``, galleries); ``adversarial`` does not.
 
     A reward has no training mode: ``train()`` keeps every sub-module in eval mode (dropout off), and
     backbones are frozen (``requires_grad=False``) so gradients reach only the images.
@@ -103,6 +104,7 @@ class Reward(torch.nn.Module, metaclass=abc.ABCMeta):
     differentiable: bool = False
     range: tuple[float, float] = (0.0, 1.0)
     spec: RewardSpec | None = None  # set by get_reward: the parsed spec (its weight is for combining)
+    standalone: bool = True  # false: scores only inside the training run that binds it (``adversarial``)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Score ``images`` ``[B, 3, H, W]`` in ``[0, 1]`` against ``prompts`` (one per image); return ``[B]``."""

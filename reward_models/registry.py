@@ -60,6 +60,7 @@ _BUILTIN_MODULES = (
     "reward_models.jpeg",
     "reward_models.dino",
     "reward_models.shapes_gold",
+    "reward_models.adversarial",
 )
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")

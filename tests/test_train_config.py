@@ -56,7 +56,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["model.gradient_checkpointing=maybe"], "expects true or false, got maybe"),
         (
             ["train.method=alignprp"],
-            "must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, prdp, d3po, d3po_human, dpo, got 'alignprp'; did you mean 'alignprop'?",
+            "must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, prdp, d3po, d3po_human, dpo, adv_grpo, got 'alignprp'; did you mean 'alignprop'?",
         ),
         (["train=3"], "config key 'train' is a section"),
         (["train.lr"], "must be written section.key=value"),
@@ -111,8 +111,17 @@ def test_file_errors(tmp_path):
 
 
 def dataset_override(path, tmp_path) -> list[str]:
-    """A shipped config of a dataset method names a file that ``diffalign prefs`` writes: stand one in."""
-    data = yaml.safe_load(Path(path).read_text()).get("data")
+    """A shipped config of a dataset method names a file that ``diffalign prefs`` writes: stand one in; an
+    Adv-GRPO recipe names a folder of reference images: stand in one image."""
+    loaded = yaml.safe_load(Path(path).read_text())
+    reference = (loaded.get("adv_grpo") or {}).get("reference", "shapes")
+    if reference != "shapes":
+        from PIL import Image
+
+        (tmp_path / "refs").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "refs" / "0.png")
+        return [f"adv_grpo.reference={tmp_path / 'refs'}"]
+    data = loaded.get("data")
     if not data:
         return []
     stand_in = tmp_path / "stand_in.jsonl"
@@ -128,9 +137,10 @@ def test_shipped_configs_load(tmp_path):
         cfg = DiffalignConfig.from_yaml(f, dataset_override(f, tmp_path))
         methods.add(cfg.train.method)
         if "shapes" in f.parts:
-            assert cfg.model.pretrained == "assets/shapes-sd" and cfg.reward.rewards == ["shapes_clip"]
+            rewards = ["adversarial"] if cfg.train.method == "adv_grpo" else ["shapes_clip"]  # its own discriminator
+            assert cfg.model.pretrained == "assets/shapes-sd" and cfg.reward.rewards == rewards
             assert cfg.eval.gold == "auto" and cfg.prompts.eval == "shapes:heldout"
-    assert methods == {"alignprop", "draft_k", "draft_lv", "refl", "ddpo", "grpo", "prdp", "d3po", "dpo"}
+    assert methods == {"alignprop", "draft_k", "draft_lv", "refl", "ddpo", "grpo", "prdp", "d3po", "dpo", "adv_grpo"}
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("configs/*/*.yaml")), ids=str)

@@ -94,6 +94,12 @@ class StepContext(Protocol):
         a selecting combiner select within each group of one prompt's samples."""
         ...
 
+    @property
+    def reward_models(self) -> dict[str, Any]:
+        """The run's training rewards by key; a method binds a reward whose scorer it owns here, in
+        ``configure`` (Adv-GRPO's discriminator: ``reward_models.adversarial``)."""
+        ...
+
     def backward(self, loss: torch.Tensor) -> None: ...
     def optimizer_step(self) -> float: ...
     def gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
@@ -194,6 +200,12 @@ class Method:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimizers the method owns (over parameters of :meth:`modules`), by name; their states are
         checkpointed and restored. Default: none."""
+        return {}
+
+    def eval_stats(self, ctx: StepContext, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        """Numbers the method adds to each evaluation record, from this process's evaluation images
+        ``[n, 3, H, W]`` (CPU, in [0, 1]) and their prompts (Adv-GRPO: its discriminator's accuracy on
+        held-out references vs these images). Averaged over processes; no collective calls here. Default: none."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
