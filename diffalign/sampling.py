@@ -409,8 +409,8 @@ def flow_sde_step(
     sample: torch.Tensor,
     sigma: torch.Tensor,
     sigma_next: torch.Tensor,
+    sigma_one: float | torch.Tensor,
     noise_level: float = 0.7,
-    sigma_one: float | torch.Tensor = 1.0,
     prev_sample: torch.Tensor | None = None,
     generator: Generator = None,
     noise: torch.Tensor | None = None,
@@ -418,7 +418,8 @@ def flow_sde_step(
 ) -> StepOutput:
     """One step of Flow-GRPO's marginal-preserving SDE with its Gaussian log-density (arXiv 2505.05470,
     Eq. 12; spec §6.1). ``sigma``, ``sigma_next``: the grid values of this step and the next, broadcastable
-    to the sample ([B, 1, 1, 1] for per-sample steps)::
+    to the sample ([B, 1, 1, 1] for per-sample steps); ``sigma_one`` < 1 replaces sigma = 1 in the noise
+    scale (:func:`flow_noise_scale`; the grid's second value, ``scheduler.sigmas[1]``)::
 
         1. dt  = sigma' - sigma (< 0);  g = flow_noise_scale(sigma, a, sigma_one)
         2. mu  = x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt
@@ -430,6 +431,8 @@ def flow_sde_step(
     undefined). Everything is computed in float32 (fp16 / bf16 inputs are upcast; the drawn x' is rounded
     to the input dtype before it is scored, so rescoring the stored sample gives the same log-prob).
     """
+    if not float(sigma_one) < 1:
+        raise DiffalignError(f"flow_sde_step: sigma_one must be < 1 (the grid's second sigma), got {float(sigma_one)}")
     out_dtype = sample.dtype
     model_output_in = model_output
     # 0. float32 for the mean, the log-prob and hence the ratio (half-precision drift pins rho at 1)
@@ -487,13 +490,16 @@ class FlowMatchSampler(Sampler):
         if grid is None or self.scheduler.sigmas is None or len(grid) == 0:
             raise DiffalignError("call set_steps(num_steps) (scheduler.set_timesteps) before a flow step")
         grid = grid.detach().float().cpu()
-        t = torch.as_tensor(t).detach().float().cpu().reshape(-1).expand(like.shape[0])
+        t = torch.as_tensor(t).detach().float().cpu().reshape(-1)  # one timestep, or one per sample
         gap, idx = (grid[None, :] - t[:, None]).abs().min(dim=1)
         if bool((gap > 1e-2).any()):
             raise DiffalignError(f"timestep {t[gap.argmax()].item():g} is not on the flow sampler's grid")
         sig = self.scheduler.sigmas.detach().float().cpu()
         shape = (-1, *([1] * (like.ndim - 1)))
-        return sig[idx].reshape(shape).to(like.device), sig[idx + 1].reshape(shape).to(like.device)
+        sigma, sigma_next = sig[idx].reshape(shape), sig[idx + 1].reshape(shape)
+        if t.numel() == 1 and like.shape[0] != 1:
+            sigma, sigma_next = sigma.expand(like.shape[0], *shape[1:]), sigma_next.expand(like.shape[0], *shape[1:])
+        return sigma.to(like.device), sigma_next.to(like.device)
 
     def step(self, model_output, t, x_t, eta=0.7, *, generator=None, noise=None, prev_sample=None) -> StepOutput:
         sigma, sigma_next = self.sigmas(t, x_t)
@@ -502,8 +508,8 @@ class FlowMatchSampler(Sampler):
             x_t,
             sigma,
             sigma_next,
+            sigma_one=float(self.scheduler.sigmas[1]),
             noise_level=eta,
-            sigma_one=float(self.scheduler.sigmas[1]) if len(self.scheduler.sigmas) > 1 else 0.0,
             prev_sample=prev_sample,
             generator=generator,
             noise=noise,

@@ -3,6 +3,10 @@ Euler ODE and Flow-GRPO SDE steps (spec §6.1) and their log-probs."""
 
 from __future__ import annotations
 
+import math
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,9 +26,14 @@ from diffalign.pipelines import (
 )
 from diffalign.sampling import (
     FlowMatchSampler,
+    denoise_step,
+    flow_euler_step,
+    flow_noise_scale,
+    flow_sde_step,
     make_denoiser,
     make_sampler,
     sample_differentiable,
+    sample_trajectory,
 )
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -105,3 +114,143 @@ def test_sd3_lora_of_another_base_is_refused(sd3_dir, sd_dir, tmp_path):
     save_lora(sd, tmp_path / "sd_lora")
     with pytest.raises(DiffalignError, match="does not fit this base model"):
         load_lora(load_pipeline(str(sd3_dir)), tmp_path / "sd_lora")
+
+
+# --------------------------------------------------------------------------------------- the step math
+def _grid(steps=10, shift=3.0) -> FlowMatchSampler:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sampler = make_sampler(FlowMatchEulerDiscreteScheduler(shift=shift))
+    sampler.set_steps(steps)
+    return sampler
+
+
+def test_sde_step_at_noise_level_zero_is_the_euler_step_exactly():
+    """Spec §6.1 check 1, on every step of SD3's grid (the first at sigma = 1 included), and = diffusers' step."""
+    sampler = _grid(10)
+    gen = torch.Generator().manual_seed(0)
+    for t in sampler.timesteps:
+        x, v = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+        out = sampler.step(v, t, x, eta=0.0)
+        sigma, sigma_next = sampler.sigmas(t, x)
+        assert torch.equal(out.prev_sample, flow_euler_step(v, x, sigma, sigma_next))
+        assert torch.equal(out.prev_sample, x + v * (sigma_next - sigma))
+        assert torch.equal(
+            flow_sde_step(v, x, sigma, sigma_next, sampler.scheduler.sigmas[1], noise_level=0.0).prev_sample,
+            out.prev_sample,
+        )
+        sched = sampler.scheduler
+        sched._step_index = None
+        assert torch.equal(out.prev_sample, sched.step(v, t, x).prev_sample)  # diffusers' Euler step
+        assert torch.equal(out.x0_pred, x - sigma * v)
+        assert torch.equal(sampler.predict_x0(v, t, x), out.x0_pred)
+
+
+def test_sde_step_log_prob_equals_an_independent_normal():
+    """log pi from an independent torch.distributions.Normal built from the spec's mean and std (float64)."""
+    sampler = _grid(10)
+    a = 0.7
+    sigmas = sampler.scheduler.sigmas.double()
+    gen = torch.Generator().manual_seed(1)
+    for k, t in enumerate(sampler.timesteps):
+        x, v = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+        out = sampler.step(v, t, x, eta=a, generator=gen)
+        s, s_next = sigmas[k], sigmas[k + 1]
+        dt = s_next - s
+        s_safe = sigmas[1] if k == 0 else s  # sigma = 1 -> the grid's second value (spec §6.1 pitfall i)
+        assert (k == 0) == bool(s == 1)
+        g = a * math.sqrt(s / (1 - s_safe))
+        mu = x.double() * (1 + g**2 / (2 * s) * dt) + v.double() * (1 + g**2 * (1 - s) / (2 * s)) * dt
+        std = g * math.sqrt(-dt)
+        ref = torch.distributions.Normal(mu, std).log_prob(out.prev_sample.double()).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(out.log_prob.double(), ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(out.mean.double(), mu, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.std.double().expand_as(mu), torch.full_like(mu, std), rtol=1e-6, atol=0)
+        assert out.log_prob.dtype == torch.float32 and torch.isfinite(out.log_prob).all()
+    # closed form: x' = mu gives -log std - log sqrt(2 pi) per element
+    x, v = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    t = sampler.timesteps[3]
+    out = sampler.step(v, t, x, eta=a)
+    again = sampler.step(v, t, x, eta=a, prev_sample=out.mean)
+    expect = -torch.log(out.std).reshape(-1) - 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(again.log_prob, expect, rtol=0, atol=1e-5)
+
+
+def test_noise_scale_substitutes_the_grid_value_at_sigma_one():
+    g = flow_noise_scale(torch.tensor([1.0, 0.5]), 0.7, 0.9)
+    torch.testing.assert_close(g, torch.tensor([0.7 * math.sqrt(1 / 0.1), 0.7]))
+    assert torch.isfinite(flow_noise_scale(torch.tensor(1.0), 0.7, _grid(10).scheduler.sigmas[1]))
+    with pytest.raises(DiffalignError, match="sigma_one must be < 1"):
+        flow_sde_step(torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor(1.0), torch.tensor(0.5), 1.0)
+
+
+def test_half_precision_inputs_score_in_float32_and_rescore_identically():
+    """bf16 rollout, bf16 rescoring of the stored sample: identical fp32 log-probs (ratio exactly 1)."""
+    sampler = _grid(6)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 8, 8, generator=gen).bfloat16()
+    v = torch.randn(2, 4, 8, 8, generator=gen).bfloat16()
+    t = sampler.timesteps[2]
+    out = sampler.step(v, t, x, eta=0.7, generator=gen)
+    assert out.prev_sample.dtype == torch.bfloat16 and out.log_prob.dtype == torch.float32
+    again = sampler.step(v, t, x, eta=0.7, prev_sample=out.prev_sample)
+    assert torch.equal(again.log_prob, out.log_prob)
+    # per-sample timesteps (stored transitions at different steps) match stepping one by one
+    ts = sampler.timesteps[[1, 4]]
+    both = sampler.step(v.float(), ts, x.float(), eta=0.7, prev_sample=x.float())
+    for i in range(2):
+        one = sampler.step(v[i : i + 1].float(), ts[i], x[i : i + 1].float(), eta=0.7, prev_sample=x[i : i + 1].float())
+        torch.testing.assert_close(both.log_prob[i : i + 1], one.log_prob, rtol=0, atol=0)
+
+
+def test_off_grid_timestep_and_unset_grid_are_one_line_errors():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sampler = _grid(4)
+    with pytest.raises(DiffalignError, match="not on the flow sampler's grid"):
+        sampler.step(torch.zeros(1, 4, 2, 2), 123.4, torch.zeros(1, 4, 2, 2))
+    fresh = FlowMatchSampler(FlowMatchEulerDiscreteScheduler())
+    fresh.scheduler.timesteps = None
+    with pytest.raises(DiffalignError, match="set_steps"):
+        fresh.step(torch.zeros(1, 4, 2, 2), 1000.0, torch.zeros(1, 4, 2, 2))
+
+
+def test_recomputed_log_probs_equal_the_stored_ones_on_the_tiny_sd3(sd3_dir):
+    """Spec §6.1 check 2: a 6-step SDE rollout with CFG and LoRA; every step rescored = the stored log-prob."""
+    pipe = load_pipeline(str(sd3_dir))
+    add_lora(pipe, LoraSettings(rank=4, alpha=8))
+    _randomize_lora(pipe, seed=3)
+    sampler = make_sampler(pipe.scheduler)
+    sampler.set_steps(STEPS)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        cond = encode_prompts(pipe, PROMPTS)
+        denoise = make_denoiser(backbone(pipe), guidance_scale=CFG, **cond.denoiser_kwargs())
+        traj = sample_trajectory(denoise, sampler, initial_latents(pipe, 2, gen), eta=0.7, generator=gen)
+        assert traj.log_probs.shape == (2, STEPS) and torch.isfinite(traj.log_probs).all()
+        for k, t in enumerate(traj.timesteps):
+            out = denoise_step(denoise, sampler, traj.latents[:, k], t, 0.7, prev_sample=traj.latents[:, k + 1])
+            torch.testing.assert_close(out.log_prob, traj.log_probs[:, k], rtol=0, atol=1e-5)
+        # per-sample timesteps, as GRPO rescoring draws them
+        ks = torch.tensor([1, 4])
+        out = denoise_step(
+            denoise,
+            sampler,
+            traj.latents[torch.arange(2), ks],
+            traj.timesteps[ks],
+            0.7,
+            prev_sample=traj.latents[torch.arange(2), ks + 1],
+        )
+        torch.testing.assert_close(out.log_prob, traj.log_probs[torch.arange(2), ks], rtol=0, atol=1e-5)
+
+
+def test_sde_preserves_the_ode_marginals_and_the_gap_shrinks_with_steps():
+    """Spec §6.1 check 5 on the exact velocity of a 1-D Gaussian (benchmarks/flow_marginals.py prints the table)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from flow_marginals import gaps
+
+    coarse, fine = gaps(10, 0.7, n=50_000), gaps(100, 0.7, n=50_000)
+    print(f"T=10: {coarse}\nT=100: {fine}")
+    assert coarse["mean_gap"] < 0.01 and fine["mean_gap"] < 0.01
+    assert fine["var_gap"] < coarse["var_gap"] / 3
+    assert fine["sde_var_err"] < coarse["sde_var_err"] / 3 and fine["sde_var_err"] < 0.02
