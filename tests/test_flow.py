@@ -254,3 +254,91 @@ def test_sde_preserves_the_ode_marginals_and_the_gap_shrinks_with_steps():
     assert coarse["mean_gap"] < 0.01 and fine["mean_gap"] < 0.01
     assert fine["var_gap"] < coarse["var_gap"] / 3
     assert fine["sde_var_err"] < coarse["sde_var_err"] / 3 and fine["sde_var_err"] < 0.02
+
+
+# ------------------------------------------------------------------------------------- training: GRPO
+def _flow_config(sd3_dir, out, method="grpo", **sections):
+    from train_fixtures import tiny_config
+
+    cfg = tiny_config(
+        sd3_dir,
+        out,
+        method,
+        sample={"steps": 4, "eta": 0.7, "guidance_scale": 4.5, "batch_size": 2},
+        eval={"every": 2, "num_prompts": 1, "seeds": [0], "eta": 0.0},
+        checkpoint={"every": 0},
+    )
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+@pytest.mark.parametrize("kl", ["mean", "flow_grpo"])
+def test_cli_trains_flow_grpo_with_kl_to_the_reference(tmp_path, sd3_dir, kl, capsys):
+    """Flow-GRPO through `diffalign train` on the tiny SD3: SDE rollouts (a = 0.7), group advantages, the
+    clipped ratio, the KL to the LoRA-disabled transformer; evaluation on the ODE; the LoRA loads in diffusers."""
+    import json
+
+    from train_fixtures import write_config
+
+    from diffalign.cli import main
+
+    out = tmp_path / "run"
+    cfg = _flow_config(
+        sd3_dir,
+        out,
+        grpo={"group_size": 2, "train_batch_size": 2, "beta": 0.05, "kl": kl, "timestep_fraction": 0.75},
+        model={"lora": {"rank": 2, "alpha": 2.0, "init": "gaussian"}},
+    )
+    assert main(["train", "--config", str(write_config(tmp_path / "cfg.yaml", cfg))]) == 0
+    assert "finished 3 steps of grpo" in capsys.readouterr().out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["samples"] == 4 for m in metrics)
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["kl"]) for m in metrics)
+    assert metrics[0]["kl"] > 0  # gaussian LoRA init: the policy differs from the reference from the start
+    assert metrics[-1]["updates"] == 3 * 2
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert evals and all(math.isfinite(e["reward_mean"]) for e in evals if "reward_mean" in e)
+    pipe = load_pipeline(str(sd3_dir))
+    load_lora(pipe, out / "lora", expect_rank=2)  # a transformer LoRA in diffusers' format
+
+
+def test_flow_grpo_kl_forms():
+    """flow_grpo (the reference code's form) = the exact per-element KL times |dt| (spec §6.1 pitfall o)."""
+    from diffalign.methods.grpo import step_kl
+
+    sampler = _grid(5)
+    t = sampler.timesteps[2]
+    x, v = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    out = sampler.step(v, t, x, eta=0.7, prev_sample=x)
+    ref = sampler.step(v + 0.1, t, x, eta=0.7, prev_sample=x)
+    exact = step_kl("mean", out, ref)
+    g = flow_noise_scale(*sampler.sigmas(t, x)[:1], 0.7, sampler.scheduler.sigmas[1]).reshape(-1)
+    torch.testing.assert_close(exact, ((out.mean - ref.mean) ** 2).mean(dim=(1, 2, 3)) / (2 * out.std.reshape(-1) ** 2))
+    torch.testing.assert_close(
+        step_kl("flow_grpo", out, ref), ((out.mean - ref.mean) ** 2).mean(dim=(1, 2, 3)) / (2 * g**2)
+    )
+    ddim_like = type(out)(out.prev_sample, out.log_prob, out.mean, out.std, out.pred_original_sample)
+    with pytest.raises(DiffalignError, match="flow pipelines"):
+        step_kl("flow_grpo", ddim_like, ref)
+
+
+@pytest.mark.parametrize("method", ["ddpo", "d3po", "draft_lv"])
+def test_ddim_only_methods_refuse_a_flow_pipeline_in_one_line(tmp_path, sd3_dir, method, capsys):
+    from train_fixtures import write_config
+
+    from diffalign.cli import main
+
+    cfg = _flow_config(sd3_dir, tmp_path / "run", method)
+    code = main(["train", "--config", str(write_config(tmp_path / "cfg.yaml", cfg))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"method {method!r} supports ddim pipelines" in err and "grpo" in err
+    assert "\n" not in err
+    assert not (tmp_path / "run" / "lora").exists()
+
+
+def test_reno_refuses_a_flow_pipeline(sd3_dir):
+    from diffalign.reno import reno
+
+    with pytest.raises(DiffalignError, match="flow-matching"):
+        reno(load_pipeline(str(sd3_dir)), "a red circle", ["train_fixtures:Brightness"])
