@@ -14,7 +14,8 @@ A :class:`Sampler` owns the timestep grid and the step rule; :class:`DDIMSampler
 :func:`ddim_step` below. :func:`denoise_step`, :func:`sample_trajectory` and
 :func:`sample_differentiable` take a :class:`Sampler` or a diffusers scheduler, which
 :func:`make_sampler` wraps, so a new sampler (a flow-matching SDE step) is one :class:`Sampler`
-subclass plus :func:`register_sampler`, with no change to any method.
+subclass plus :func:`register_sampler`, with no change to any method: :class:`FlowMatchSampler`
+(rectified flow, SD3: the Euler ODE and Flow-GRPO's SDE, :func:`flow_sde_step`) was added that way.
 
 Symbols (DDIM, Song et al. 2021, arXiv 2010.02502, Eq. 12; DDPO, Black et al. 2023, arXiv 2305.13301):
 
