@@ -58,10 +58,12 @@ class ModelConfig:
 
 @dataclass
 class SampleConfig:
-    """The sampler used for training rollouts (DDIM with eta; spec §1)."""
+    """The sampler used for training rollouts (DDIM with eta, spec §1; SD3: the flow SDE, spec §6.1)."""
 
-    steps: int = 20  # DDIM steps T
-    eta: float = 1.0  # DDIM noise (1.0 = DDPM-like variance; DDPO needs > 0)
+    steps: int = 20  # sampling steps T
+    # DDIM noise (1.0 = DDPM-like variance; DDPO needs > 0); on SD3 (flow) pipelines Flow-GRPO's noise level a
+    # (0.7 in Flow-GRPO; 0 = the deterministic Euler ODE that StableDiffusion3Pipeline samples)
+    eta: float = 1.0
     guidance_scale: float = 5.0  # classifier-free guidance w (1.0 = none)
     guidance_rescale: float = 0.0  # phi of arXiv 2305.08891
     batch_size: int = 8  # prompts per sampling batch, per process

@@ -104,13 +104,13 @@ class PipelineSampler:
         self.sampler = make_sampler(pipe.scheduler)
 
     def denoiser(self, prompts: list[str]) -> Any:
-        from diffalign.pipelines import encode_prompts
+        from diffalign.pipelines import backbone, encode_prompts
         from diffalign.sampling import make_denoiser
 
         guide = self.sample.guidance_scale != 1.0
         cond = encode_prompts(self.pipe, prompts, self.sample.negative_prompt, guidance=guide)
         return make_denoiser(
-            self.pipe.unet,
+            backbone(self.pipe),
             guidance_scale=self.sample.guidance_scale,
             guidance_rescale=self.sample.guidance_rescale,
             **cond.denoiser_kwargs(),

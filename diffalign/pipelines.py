@@ -2,7 +2,10 @@
 
 Supported families, detected from ``model_index.json``: Stable Diffusion 1.x/2.x
 (``StableDiffusionPipeline``, also SD-Turbo) and SDXL (``StableDiffusionXLPipeline``, also
-SDXL-Turbo). Base weights are frozen; only LoRA parameters train. LoRA files are written in
+SDXL-Turbo), sampled with DDIM; Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``, an MMDiT
+transformer, rectified flow), sampled with its ``FlowMatchEulerDiscreteScheduler``
+(:class:`diffalign.sampling.FlowMatchSampler`). The denoising network is :func:`backbone` (the UNet
+or the transformer). Base weights are frozen; only LoRA parameters train. LoRA files are written in
 diffusers' format (``pytorch_lora_weights.safetensors`` with the adapter config as metadata), so a
 plain ``pipe.load_lora_weights(dir)`` reproduces our outputs, alpha != rank included.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +24,9 @@ import torch
 from diffalign.errors import DiffalignError
 from diffalign.paths import looks_like_path, missing_path_message, resolve_local
 
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+# the step rule each family samples with (diffalign.sampling.Sampler.kind); methods declare the kinds they support
+SAMPLER_KINDS = {"sd": "ddim", "sdxl": "ddim", "sd3": "flow"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 DTYPES |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -66,8 +71,8 @@ def _hub_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def pipeline_class_name(model: str) -> str:
-    """The ``_class_name`` in ``model_index.json`` of a local directory or hub id.
+def pipeline_index(model: str) -> dict[str, Any]:
+    """The ``model_index.json`` of a local directory or hub id, as a dict.
 
     ``model`` is looked up with :func:`diffalign.paths.resolve_local` (as given, then the shipped
     assets); a missing path, or a hub id that fails, is a one-line :class:`DiffalignError` naming the
@@ -86,7 +91,7 @@ def pipeline_class_name(model: str) -> str:
                 f"{model} is not a diffusers pipeline directory: expected model_index.json there "
                 "(save one with pipe.save_pretrained(dir), or pass a hub id such as stabilityai/sd-turbo)"
             )
-        return json.loads(index.read_text()).get("_class_name", "")
+        return dict(json.loads(index.read_text()))
     if not _is_hub_id(model):
         raise DiffalignError(
             f"no pipeline directory at {model}: "
@@ -106,7 +111,12 @@ def pipeline_class_name(model: str) -> str:
             f"local directory {model!r} under {Path.cwd()}; check the id and your network, or pass a local "
             "pipeline directory (absolute, or relative to the working directory)"
         ) from None
-    return config.get("_class_name", "")
+    return dict(config)
+
+
+def pipeline_class_name(model: str) -> str:
+    """The ``_class_name`` in ``model_index.json`` of a local directory or hub id (:func:`pipeline_index`)."""
+    return pipeline_index(model).get("_class_name", "")
 
 
 def load_pipeline(
@@ -116,30 +126,40 @@ def load_pipeline(
     attention: Literal["sdpa", "xformers"] = "sdpa",
     scheduler: Literal["ddim", "keep"] = "ddim",
 ):
-    """Load an SD 1.x/2.x or SDXL pipeline from a hub id or local directory, frozen, on ``device``.
+    """Load an SD 1.x/2.x, SDXL or SD3 pipeline from a hub id or local directory, frozen, on ``device``.
 
     ``scheduler="ddim"`` swaps in a DDIMScheduler built from the pipeline's own scheduler config
-    (what the samplers in :mod:`diffalign.sampling` expect); ``"keep"`` leaves it as shipped.
+    (what the samplers in :mod:`diffalign.sampling` expect) for the UNet families; an SD3 pipeline
+    keeps its ``FlowMatchEulerDiscreteScheduler`` (the flow sampler's grid); ``"keep"`` leaves any
+    scheduler as shipped.
     Attention runs through torch SDPA (diffusers' default); ``attention="xformers"`` switches to
     xformers kernels when that optional package (extra ``gpu``) is installed.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        DDIMScheduler,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
-    name = pipeline_class_name(model)  # checks the path / hub id first (one-line errors)
+    index = pipeline_index(model)  # checks the path / hub id first (one-line errors)
+    name = index.get("_class_name", "")
     local = resolve_local(model)  # as given, else the shipped copy of assets/NAME
     source = str(local) if local is not None else model
     family = FAMILIES.get(name)
     if family is None:
         raise DiffalignError(
             f"{model} holds a {name or 'unknown'} pipeline; diffalign supports {', '.join(FAMILIES)} "
-            "(SD 1.x/2.x, SD-Turbo, SDXL, SDXL-Turbo)"
+            "(SD 1.x/2.x, SD-Turbo, SDXL, SDXL-Turbo, SD3 / SD3.5)"
         )
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise DiffalignError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    cls = StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline
+    cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[family]
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    # components saved as absent ([null, null], e.g. SD3 without its T5 encoder) are passed as None
+    kwargs |= {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1] is None}
     # diffusers renamed from_pretrained's torch_dtype to dtype (torch_dtype warns, and goes in 1.0)
     kwargs[_dtype_kwarg()] = dtype
     try:
@@ -150,10 +170,16 @@ def load_pipeline(
         raise DiffalignError(
             f"could not load pipeline {model!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         ) from None
-    if scheduler == "ddim":
+    if scheduler == "ddim" and SAMPLER_KINDS[family] == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if SAMPLER_KINDS[family] == "flow" and pipe.scheduler.config.get("use_dynamic_shifting", False):
+        raise DiffalignError(
+            f"{model}: its scheduler uses resolution-dependent shifting (use_dynamic_shifting), which diffalign's "
+            "flow sampler does not support yet; use an SD3 / SD3.5 pipeline with a fixed shift"
+        )
     pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+    modules = (backbone(pipe), pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+    for module in modules + (getattr(pipe, "text_encoder_3", None),):
         if module is not None:
             module.requires_grad_(False).eval()
     if attention == "xformers":
@@ -170,14 +196,41 @@ def load_pipeline(
 
 
 def family_of(pipe) -> str:
-    """'sd' or 'sdxl'."""
+    """'sd', 'sdxl' or 'sd3'."""
+    if getattr(pipe, "transformer", None) is not None:
+        return "sd3"
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+def backbone_name(pipe) -> str:
+    """The pipeline attribute of its denoising network: ``"unet"`` (SD, SDXL) or ``"transformer"`` (SD3)."""
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+
+
+def backbone(pipe) -> torch.nn.Module:
+    """The denoising network that carries the LoRA: the UNet, or SD3's MMDiT transformer."""
+    return getattr(pipe, backbone_name(pipe))
+
+
+def sampler_kind(pipe) -> str:
+    """The step rule this pipeline samples with: ``"ddim"`` (UNet families) or ``"flow"`` (SD3)."""
+    return SAMPLER_KINDS[family_of(pipe)]
+
+
+def pipeline_sampler_kind(model: str) -> str:
+    """:func:`sampler_kind` of a pipeline directory or hub id from its ``model_index.json`` alone (no weights
+    load), so a method that does not support it is refused before the model loads; ``"ddim"`` for a class
+    diffalign does not know (:func:`load_pipeline` reports that one)."""
+    return SAMPLER_KINDS.get(FAMILIES.get(pipeline_class_name(model), "sd"), "ddim")
 
 
 # --------------------------------------------------------------------------------------------- prompts
 @dataclass
 class Conditioning:
-    """Text conditioning of a batch: what :func:`diffalign.sampling.make_denoiser` takes."""
+    """Text conditioning of a batch: what :func:`diffalign.sampling.make_denoiser` takes.
+
+    ``added_cond``: SDXL's ``text_embeds`` and ``time_ids``, or SD3's ``pooled_projections``.
+    """
 
     cond: torch.Tensor
     uncond: torch.Tensor | None
@@ -194,19 +247,37 @@ class Conditioning:
 
 
 def default_size(pipe) -> tuple[int, int]:
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = backbone(pipe).config.sample_size * pipe.vae_scale_factor
     return size, size
 
 
 def encode_prompts(pipe, prompts: list[str], negative_prompt: str | None = None, guidance: bool = True) -> Conditioning:
-    """Encode prompts exactly as the diffusers pipeline does (so sampling matches ``pipe(...)``)."""
+    """Encode prompts exactly as the diffusers pipeline does (so sampling matches ``pipe(...)``).
+
+    SD3: the joint sequence of both CLIPs' penultimate states (concatenated, zero-padded to the T5 width)
+    and T5's states (zeros when the pipeline has no ``text_encoder_3``), plus the pooled CLIP projections
+    as ``added_cond["pooled_projections"]``; the unconditional half encodes the negative prompt ("" by default).
+    """
     if not prompts or any(not isinstance(p, str) for p in prompts):
         raise DiffalignError("prompts must be a non-empty list of strings")
-    device = pipe.unet.device
+    device = backbone(pipe).device
     neg = None if negative_prompt is None else [negative_prompt] * len(prompts)
-    if family_of(pipe) == "sd":
+    family = family_of(pipe)
+    if family == "sd":
         cond, uncond = pipe.encode_prompt(prompts, device, 1, guidance, negative_prompt=neg)
         return Conditioning(cond, uncond if guidance else None)
+    if family == "sd3":
+        cond, uncond, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=neg,
+        )
+        added_u = {"pooled_projections": neg_pooled} if guidance else None
+        return Conditioning(cond, uncond if guidance else None, {"pooled_projections": pooled}, added_u)
     cond, uncond, pooled, neg_pooled = pipe.encode_prompt(
         prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance, negative_prompt=neg
     )
@@ -235,6 +306,8 @@ def draw_images(
     generator seeded ``seeds[i]`` (so the batch size changes no image beyond kernel rounding)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    # the flow pipelines' own sampler is the deterministic Euler ODE; it takes no eta
+    extra = {"eta": eta} if sampler_kind(pipe) == "ddim" else {}
     return pipe(
         prompt=list(prompts),
         negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
@@ -242,9 +315,9 @@ def draw_images(
         width=size[1] if size else None,
         num_inference_steps=steps,
         guidance_scale=guidance,
-        eta=eta,
         generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         output_type="pt",
+        **extra,
     ).images.cpu()
 
 
@@ -255,20 +328,26 @@ def initial_latents(
     from diffusers.utils.torch_utils import randn_tensor
 
     h, w = (height, width) if height else default_size(pipe)
-    shape = (batch, pipe.unet.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
-    latents = randn_tensor(shape, generator=generator, device=pipe.unet.device, dtype=pipe.unet.dtype)
-    return latents * pipe.scheduler.init_noise_sigma
+    net = backbone(pipe)
+    shape = (batch, net.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
+    latents = randn_tensor(shape, generator=generator, device=net.device, dtype=net.dtype)
+    sigma = getattr(pipe.scheduler, "init_noise_sigma", None)  # flow-matching schedulers start at N(0, I)
+    return latents if sigma is None else latents * sigma
 
 
 # ------------------------------------------------------------------------------------------------ LoRA
 @dataclass
 class LoraSettings:
-    """LoRA on the UNet attention projections (peft). ``alpha / rank`` scales the update."""
+    """LoRA on the denoising network's attention projections (peft). ``alpha / rank`` scales the update.
+
+    ``target_modules: null`` (the default) takes the family's default (:func:`default_targets`): the
+    UNet's attention projections, or for SD3 also the joint attention's context-stream projections.
+    """
 
     rank: int = 4
     alpha: float = 4.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    target_modules: list[str] | None = None  # null: default_targets(family)
     text_encoder: bool = False  # also adapt the text encoder(s) (q/k/v/out projections)
     init: str = "default"  # peft init: "default" (B = 0, so training starts at the base model) or "gaussian"
 
@@ -280,6 +359,14 @@ class LoraSettings:
 
 
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# SD3's joint attention: the image stream (to_q/k/v/out) and the text stream (add_*_proj, to_add_out), as Flow-GRPO
+SD3_TARGETS = UNET_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def default_targets(family: str) -> list[str]:
+    """The LoRA target modules of ``model.lora.target_modules: null`` for a family ('sd', 'sdxl', 'sd3')."""
+    return list(SD3_TARGETS if family == "sd3" else UNET_TARGETS)
 
 
 def _peft_config(settings: LoraSettings, targets: list[str]):
@@ -317,14 +404,16 @@ def attach_text_encoder_lora(text_encoder: torch.nn.Module, config: Any, adapter
 
 
 def add_lora(pipe, settings: LoraSettings) -> list[torch.nn.Parameter]:
-    """Inject trainable LoRA adapters (name "default") and return their parameters (fp32)."""
+    """Inject trainable LoRA adapters (name "default") into the backbone (UNet or SD3 transformer, through
+    diffusers' ``add_adapter``) and optionally the CLIP text encoders; return their parameters (fp32)."""
+    targets = list(settings.target_modules) if settings.target_modules else default_targets(family_of(pipe))
     try:
-        pipe.unet.add_adapter(_peft_config(settings, list(settings.target_modules)))
+        backbone(pipe).add_adapter(_peft_config(settings, targets))
         if settings.text_encoder:
             for _, te in _text_encoders(pipe):
                 attach_text_encoder_lora(te, _peft_config(settings, TEXT_TARGETS))
     except ValueError as exc:
-        raise DiffalignError(f"cannot add LoRA with target modules {settings.target_modules}: {exc}") from None
+        raise DiffalignError(f"cannot add LoRA with target modules {targets}: {exc}") from None
     params = lora_parameters(pipe)
     for p in params:
         p.data = p.data.float()
@@ -333,7 +422,7 @@ def add_lora(pipe, settings: LoraSettings) -> list[torch.nn.Parameter]:
 
 
 def lora_parameters(pipe) -> list[torch.nn.Parameter]:
-    mods = [pipe.unet] + [te for _, te in _text_encoders(pipe)]
+    mods = [backbone(pipe)] + [te for _, te in _text_encoders(pipe)]
     return [p for m in mods for n, p in m.named_parameters() if "lora_" in n]
 
 
@@ -348,7 +437,7 @@ def lora_state_dicts(pipe) -> dict[str, dict[str, torch.Tensor]]:
     from peft.utils import get_peft_model_state_dict
 
     out = {}
-    for name, module in [("unet", pipe.unet)] + _text_encoders(pipe):
+    for name, module in [(backbone_name(pipe), backbone(pipe))] + _text_encoders(pipe):
         if getattr(module, "peft_config", None):
             out[name] = get_peft_model_state_dict(module)
     return out
@@ -392,10 +481,10 @@ def save_lora(pipe, out_dir: str | os.PathLike) -> Path:
 
         shutil.rmtree(tmp)
     states = lora_state_dicts(pipe)
-    if "unet" not in states:
+    if backbone_name(pipe) not in states:
         raise DiffalignError("this pipeline has no LoRA adapter to save; call add_lora first")
     kwargs = {f"{k}_lora_layers": v for k, v in states.items()}
-    modules = {"unet": pipe.unet} | dict(_text_encoders(pipe))
+    modules = {backbone_name(pipe): backbone(pipe)} | dict(_text_encoders(pipe))
     kwargs |= {f"{k}_lora_adapter_metadata": _sorted_metadata(modules[k].peft_config["default"]) for k in states}
     type(pipe).save_lora_weights(tmp, **kwargs)
     canonical_safetensors_header(tmp / LORA_WEIGHT_NAME)
@@ -472,8 +561,9 @@ def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default", expe
         raise DiffalignError(
             f"LoRA at {path} has rank {rank} but the config asks for rank {expect_rank}; set lora.rank={rank}"
         )
+    net_name = backbone_name(pipe)
     with safe_open(str(file), "pt") as f:
-        n_unet = sum(1 for k in f.keys() if k.startswith("unet.") and _is_down(k))
+        n_unet = sum(1 for k in f.keys() if k.startswith(f"{net_name}.") and _is_down(k))
     try:
         _load_lora_file(pipe, file, adapter_name)
     except (SafetensorError, OSError) as exc:  # the header read fine but the data did not
@@ -487,16 +577,18 @@ def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "default", expe
         raise DiffalignError(
             f"LoRA at {path} does not fit this base model (trained on another base or size?): {first}"
         ) from None
-    injected = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(f"lora_A.{adapter_name}"))
+    injected = sum(1 for n, _ in backbone(pipe).named_modules() if n.endswith(f"lora_A.{adapter_name}"))
     if n_unet == 0 or injected < n_unet:
+        what = "UNet" if net_name == "unet" else "transformer"
         raise DiffalignError(
-            f"LoRA at {path} does not fit this base model: {n_unet} UNet LoRA layers in the file, "
+            f"LoRA at {path} does not fit this base model: {n_unet} {what} LoRA layers in the file, "
             f"{injected} matched; it was trained on another base model"
         )
 
 
 def _load_lora_file(pipe, file: Path, adapter_name: str) -> None:
-    """The UNet part through diffusers' ``load_lora_into_unet``, text-encoder parts with peft directly.
+    """The backbone part through diffusers' ``load_lora_into_unet`` / ``load_lora_into_transformer``,
+    text-encoder parts with peft directly.
 
     diffusers loads text-encoder LoRA through transformers' PEFT integration, which refuses peft
     versions its release did not expect (see :func:`attach_text_encoder_lora`); doing that part with
@@ -511,10 +603,16 @@ def _load_lora_file(pipe, file: Path, adapter_name: str) -> None:
     with safe_open(str(file), "pt") as f:
         raw = (f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
     metadata = json.loads(raw) if raw else None
-    unet_state = {k: v for k, v in state.items() if k.startswith("unet.")}
-    type(pipe).load_lora_into_unet(
-        unet_state, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe
-    )
+    net_name = backbone_name(pipe)
+    net_state = {k: v for k, v in state.items() if k.startswith(f"{net_name}.")}
+    if net_name == "unet":
+        type(pipe).load_lora_into_unet(
+            net_state, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe
+        )
+    else:
+        type(pipe).load_lora_into_transformer(
+            net_state, transformer=pipe.transformer, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe
+        )
     fields = set(LoraConfig.__dataclass_fields__) - {"peft_type", "task_type", "base_model_name_or_path", "revision"}
     for name, te in _text_encoders(pipe):
         prefix = f"{name}."

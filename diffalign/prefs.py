@@ -258,12 +258,12 @@ def _sample_pairs(args, pipe, prompts, rewards, save, samples, out):
     """``--pairs``: per prompt, n/2 pairs from shared x_T (its own seeded generator), chains saved."""
     import torch
 
-    from diffalign.pipelines import encode_prompts, initial_latents
+    from diffalign.pipelines import backbone, encode_prompts, initial_latents
     from diffalign.sampling import decode_latents, make_denoiser, make_sampler, sample_trajectory
 
     (out / "trajectories").mkdir(exist_ok=True)
     sampler = make_sampler(pipe.scheduler)
-    sampler.set_steps(args.steps, device=pipe.unet.device)
+    sampler.set_steps(args.steps, device=backbone(pipe).device)
     half = args.n // 2
     rows, labels = [], []
     for i, prompt in enumerate(prompts):
@@ -271,11 +271,11 @@ def _sample_pairs(args, pipe, prompts, rewards, save, samples, out):
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             cond = encode_prompts(pipe, [prompt] * args.n, None, guidance=args.guidance != 1.0)
-            denoise = make_denoiser(pipe.unet, guidance_scale=args.guidance, **cond.denoiser_kwargs())
+            denoise = make_denoiser(backbone(pipe), guidance_scale=args.guidance, **cond.denoiser_kwargs())
             x_T = initial_latents(pipe, half, generator).repeat_interleave(2, dim=0)
             traj = sample_trajectory(denoise, sampler, x_T, eta=args.eta, generator=generator)
             images = decode_latents(pipe.vae, traj.final).cpu()
-        total, parts = _score(rewards, images.to(pipe.unet.device), [prompt] * args.n)
+        total, parts = _score(rewards, images.to(backbone(pipe).device), [prompt] * args.n)
         names = save(images, i * args.n)
         for j, name in enumerate(names):
             samples.append({"file": name, "prompt": prompt, "seed": seed, "reward": total[j], "rewards": parts[j]})

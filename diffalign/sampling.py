@@ -14,7 +14,8 @@ A :class:`Sampler` owns the timestep grid and the step rule; :class:`DDIMSampler
 :func:`ddim_step` below. :func:`denoise_step`, :func:`sample_trajectory` and
 :func:`sample_differentiable` take a :class:`Sampler` or a diffusers scheduler, which
 :func:`make_sampler` wraps, so a new sampler (a flow-matching SDE step) is one :class:`Sampler`
-subclass plus :func:`register_sampler`, with no change to any method.
+subclass plus :func:`register_sampler`, with no change to any method: :class:`FlowMatchSampler`
+(rectified flow, SD3: the Euler ODE and Flow-GRPO's SDE, :func:`flow_sde_step`) was added that way.
 
 Symbols (DDIM, Song et al. 2021, arXiv 2010.02502, Eq. 12; DDPO, Black et al. 2023, arXiv 2305.13301):
 
@@ -51,6 +52,7 @@ class StepOutput:
     mean: torch.Tensor  # mu_theta(x_t, t)
     std: torch.Tensor  # sigma_t, broadcastable to the sample
     pred_original_sample: torch.Tensor  # x0_hat (diffusers' name)
+    dt: torch.Tensor | None = None  # flow steps: sigma' - sigma (Flow-GRPO's reference KL form leaves out |dt|)
 
     @property
     def x0_pred(self) -> torch.Tensor:
@@ -208,11 +210,17 @@ def make_denoiser(
     added_uncond: dict[str, torch.Tensor] | None = None,
     guidance_rescale: float = 0.0,
 ) -> Denoiser:
-    """``denoise(x, t)`` for a diffusers UNet: one batched forward on [uncond; cond] when guiding.
+    """``denoise(x, t)`` for a diffusers UNet or SD3 transformer: one batched forward on [uncond; cond] when guiding.
 
-    ``added_cond`` carries SDXL's ``text_embeds`` and ``time_ids`` (per batch row).
+    ``added_cond`` carries SDXL's ``text_embeds`` and ``time_ids`` (per batch row), or SD3's
+    ``pooled_projections``. An SD3 transformer (``SD3Transformer2DModel``, the network is recognized by
+    its ``pooled_projection_dim``) is called as ``StableDiffusion3Pipeline`` calls it, with the flow
+    timestep ``t = 1000 sigma``; guidance is the same ``e_u + w (e_c - e_u)`` on the velocity (SD3 applies
+    no guidance rescale, so ``guidance_rescale`` should stay 0 there).
     """
     guide = uncond is not None and guidance_scale != 1.0
+    if getattr(getattr(unet, "config", None), "pooled_projection_dim", None) is not None:
+        return _make_transformer_denoiser(unet, cond, uncond, guidance_scale, added_cond, added_uncond, guide)
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
@@ -233,6 +241,42 @@ def make_denoiser(
     return denoise
 
 
+def _make_transformer_denoiser(
+    transformer: torch.nn.Module,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    guidance_scale: float,
+    added_cond: dict[str, torch.Tensor] | None,
+    added_uncond: dict[str, torch.Tensor] | None,
+    guide: bool,
+) -> Denoiser:
+    """``denoise(x, t)`` of an SD3 MMDiT: ``transformer(hidden_states, timestep, encoder_hidden_states,
+    pooled_projections)``, with CFG on one batched [uncond; cond] forward as ``StableDiffusion3Pipeline``."""
+    if not added_cond or "pooled_projections" not in added_cond:
+        raise DiffalignError("an SD3 transformer needs pooled_projections (encode prompts with encode_prompts)")
+    if guide and (not added_uncond or "pooled_projections" not in added_uncond):
+        raise DiffalignError("guidance with an SD3 transformer needs the unconditional pooled_projections")
+    pooled = added_cond["pooled_projections"]
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        if not guide:
+            return transformer(
+                hidden_states=x, timestep=t, encoder_hidden_states=cond, pooled_projections=pooled, return_dict=False
+            )[0]
+        out = transformer(
+            hidden_states=torch.cat([x, x]),
+            timestep=torch.cat([t, t]),
+            encoder_hidden_states=torch.cat([uncond, cond]),
+            pooled_projections=torch.cat([added_uncond["pooled_projections"], pooled]),
+            return_dict=False,
+        )[0]
+        v_u, v_c = out.chunk(2)
+        return cfg_combine(v_u, v_c, guidance_scale)
+
+    return denoise
+
+
 # ------------------------------------------------------------------------------------- the sampler
 class Sampler(ABC):
     """A reverse-diffusion sampler: a timestep grid and a step rule ``x_t -> x_{t-1}`` with its log-density.
@@ -244,6 +288,7 @@ class Sampler(ABC):
     """
 
     scheduler: Any = None
+    kind: str = "custom"  # the step-rule family: "ddim", "flow" (what MethodEntry.samplers names)
 
     @property
     @abstractmethod
@@ -298,6 +343,8 @@ class DDIMSampler(Sampler):
     sum); the grid, ``init_noise_sigma`` and ``scale_model_input`` are the scheduler's.
     """
 
+    kind = "ddim"
+
     def __init__(self, scheduler, logprob_reduction: Literal["mean", "sum"] = "mean") -> None:
         self.scheduler = scheduler
         self.logprob_reduction = logprob_reduction
@@ -338,7 +385,148 @@ class DDIMSampler(Sampler):
         return _ddim_x0_eps(self.scheduler, model_output, x_t, a_t)[0]
 
 
-_SAMPLERS: dict[str, Callable[[Any], Sampler]] = {"DDIMScheduler": DDIMSampler}
+# ------------------------------------------------------------------------- flow matching (rectified flow)
+def flow_euler_step(
+    model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
+    """The deterministic Euler step of the probability-flow ODE dx/dsigma = v (rectified flow,
+    ``x_sigma = (1 - sigma) x0 + sigma eps``, velocity ``v ~ eps - x0``): ``x' = x + (sigma' - sigma) v``,
+    computed in float32 and returned in the model output's dtype, as ``FlowMatchEulerDiscreteScheduler.step``."""
+    dt = sigma_next - sigma
+    return (sample.float() + dt * model_output).to(model_output.dtype)
+
+
+def flow_noise_scale(sigma: torch.Tensor, noise_level: float, sigma_one: float | torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's SDE noise scale ``g = a sqrt(sigma / (1 - sigma~))`` (Liu et al. 2025, arXiv 2505.05470,
+    Eq. 9-10 with ``sigma_t = a sqrt(t / (1 - t))``; spec §6.1), ``sigma~ = sigma`` except at ``sigma = 1``,
+    where ``sigma~ = sigma_one`` (the grid's second value, as the reference code takes ``sigmas[1]``) so
+    the first step does not divide by zero."""
+    safe = torch.where(sigma == 1, torch.as_tensor(sigma_one, dtype=sigma.dtype, device=sigma.device), sigma)
+    return noise_level * torch.sqrt(sigma / (1 - safe))
+
+
+def flow_sde_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    sigma_one: float | torch.Tensor,
+    noise_level: float = 0.7,
+    prev_sample: torch.Tensor | None = None,
+    generator: Generator = None,
+    noise: torch.Tensor | None = None,
+    logprob_reduction: Literal["mean", "sum"] = "mean",
+) -> StepOutput:
+    """One step of Flow-GRPO's marginal-preserving SDE with its Gaussian log-density (arXiv 2505.05470,
+    Eq. 12; spec §6.1). ``sigma``, ``sigma_next``: the grid values of this step and the next, broadcastable
+    to the sample ([B, 1, 1, 1] for per-sample steps); ``sigma_one`` < 1 replaces sigma = 1 in the noise
+    scale (:func:`flow_noise_scale`; the grid's second value, ``scheduler.sigmas[1]``)::
+
+        1. dt  = sigma' - sigma (< 0);  g = flow_noise_scale(sigma, a, sigma_one)
+        2. mu  = x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt
+        3. std = g sqrt(-dt);  x' = mu + std z  (unless ``prev_sample`` is given: then it is scored)
+        4. log pi(x' | x) = log N(sg(x'); mu, std^2), mean (Flow-GRPO, DDPO) or sum over non-batch dims
+        5. x0_hat = x - sigma v
+
+    ``noise_level`` a = 0 is the Euler ODE step (:func:`flow_euler_step`, bit for bit; its log-prob is
+    undefined). Everything is computed in float32 (fp16 / bf16 inputs are upcast; the drawn x' is rounded
+    to the input dtype before it is scored, so rescoring the stored sample gives the same log-prob).
+    """
+    if not float(sigma_one) < 1:
+        raise DiffalignError(f"flow_sde_step: sigma_one must be < 1 (the grid's second sigma), got {float(sigma_one)}")
+    out_dtype = sample.dtype
+    model_output_in = model_output
+    # 0. float32 for the mean, the log-prob and hence the ratio (half-precision drift pins rho at 1)
+    model_output, sample = model_output.float(), sample.float()
+    prev_sample = None if prev_sample is None else prev_sample.float()
+    noise = None if noise is None else noise.float()
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=sample.device)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sample.device)
+    # 1. step size and noise scale
+    dt = sigma_next - sigma
+    g = flow_noise_scale(sigma, noise_level, sigma_one)
+    # 2. mean of the SDE step
+    mean = sample * (1 + g**2 / (2 * sigma) * dt) + model_output * (1 + g**2 * (1 - sigma) / (2 * sigma)) * dt
+    # 3. std and the sample
+    std = g * torch.sqrt(-dt)
+    if prev_sample is None:
+        if noise_level > 0:
+            z = noise if noise is not None else _randn(model_output.shape, generator, model_output_in).float()
+            prev_sample = mean + std * z
+        else:
+            prev_sample = mean
+        prev_sample = prev_sample.to(out_dtype).to(mean.dtype)  # no-op in float32
+    # 4. log-density of sg(x'); gradient only through mean
+    log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, logprob_reduction)
+    # 5. predicted x0
+    x0 = sample - sigma * model_output
+    return StepOutput(prev_sample.to(out_dtype), log_prob, mean, std, x0, dt=dt)
+
+
+class FlowMatchSampler(Sampler):
+    """Rectified-flow sampling over a diffusers ``FlowMatchEulerDiscreteScheduler`` (SD3 / SD3.5).
+
+    The grid is the scheduler's (``timesteps = 1000 sigma``, sigma from 1 to the last value before 0,
+    shifted as configured); ``eta`` of :meth:`step` is Flow-GRPO's noise level a: :func:`flow_sde_step`
+    (a > 0, a Gaussian policy per step with log-prob, spec §6.1) or the Euler ODE step (a = 0, what
+    ``StableDiffusion3Pipeline`` samples). The network sees ``x_t`` unscaled; x_T ~ N(0, I).
+    """
+
+    kind = "flow"
+
+    def __init__(self, scheduler, logprob_reduction: Literal["mean", "sum"] = "mean") -> None:
+        self.scheduler = scheduler
+        self.logprob_reduction = logprob_reduction
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.scheduler.timesteps
+
+    def set_steps(self, num_steps: int, device: str | torch.device | None = None) -> None:
+        self.scheduler.set_timesteps(num_steps, device=device)
+
+    def sigmas(self, t: int | float | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma, sigma') of the grid step at timestep(s) ``t``, shaped [B, 1, ...] like ``like``, float32."""
+        grid = self.scheduler.timesteps
+        if grid is None or self.scheduler.sigmas is None or len(grid) == 0:
+            raise DiffalignError("call set_steps(num_steps) (scheduler.set_timesteps) before a flow step")
+        grid = grid.detach().float().cpu()
+        t = torch.as_tensor(t).detach().float().cpu().reshape(-1)  # one timestep, or one per sample
+        gap, idx = (grid[None, :] - t[:, None]).abs().min(dim=1)
+        if bool((gap > 1e-2).any()):
+            raise DiffalignError(f"timestep {t[gap.argmax()].item():g} is not on the flow sampler's grid")
+        sig = self.scheduler.sigmas.detach().float().cpu()
+        shape = (-1, *([1] * (like.ndim - 1)))
+        sigma, sigma_next = sig[idx].reshape(shape), sig[idx + 1].reshape(shape)
+        if t.numel() == 1 and like.shape[0] != 1:
+            sigma, sigma_next = sigma.expand(like.shape[0], *shape[1:]), sigma_next.expand(like.shape[0], *shape[1:])
+        return sigma.to(like.device), sigma_next.to(like.device)
+
+    def step(self, model_output, t, x_t, eta=0.7, *, generator=None, noise=None, prev_sample=None) -> StepOutput:
+        sigma, sigma_next = self.sigmas(t, x_t)
+        return flow_sde_step(
+            model_output,
+            x_t,
+            sigma,
+            sigma_next,
+            sigma_one=float(self.scheduler.sigmas[1]),
+            noise_level=eta,
+            prev_sample=prev_sample,
+            generator=generator,
+            noise=noise,
+            logprob_reduction=self.logprob_reduction,
+        )
+
+    def predict_x0(self, model_output, t, x_t) -> torch.Tensor:
+        """x0_hat = x_t - sigma v (spec §1.4, rectified flow), in float32."""
+        sigma, _ = self.sigmas(t, x_t)
+        return x_t.float() - sigma * model_output.float()
+
+
+_SAMPLERS: dict[str, Callable[[Any], Sampler]] = {
+    "DDIMScheduler": DDIMSampler,
+    "FlowMatchEulerDiscreteScheduler": FlowMatchSampler,
+}
 
 
 def register_sampler(scheduler_class: str, factory: Callable[[Any], Sampler]) -> None:
@@ -358,7 +546,7 @@ def make_sampler(scheduler) -> Sampler:
             return _SAMPLERS[cls.__name__](scheduler)
     raise DiffalignError(
         f"diffalign has no sampler for {type(scheduler).__name__}; supported schedulers: "
-        f"{', '.join(sorted(_SAMPLERS))} (load the pipeline with scheduler='ddim')"
+        f"{', '.join(sorted(_SAMPLERS))} (load the pipeline with scheduler='ddim', or an SD3 pipeline as shipped)"
     )
 
 

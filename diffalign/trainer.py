@@ -132,9 +132,9 @@ class Rollout:
 
     # ------------------------------------------------------------------------ sampling
     def denoiser(self, prompts: list[str], guidance_scale: float | None = None):
-        """``denoise(x, t)`` of the UNet for ``prompts``, with the sampling guidance (``sample.guidance_scale``)
+        """``denoise(x, t)`` of the UNet (or SD3 transformer) for ``prompts``, with the sampling guidance (``sample.guidance_scale``)
         or ``guidance_scale`` when given (1.0: the conditional prediction alone, as offline Diffusion-DPO trains)."""
-        from diffalign.pipelines import encode_prompts
+        from diffalign.pipelines import backbone, encode_prompts
         from diffalign.sampling import make_denoiser
 
         scale = self.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -142,7 +142,7 @@ class Rollout:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.model.lora.text_encoder):
             cond = encode_prompts(self.pipe, prompts, self.sample.negative_prompt, guidance=guide)
         return make_denoiser(
-            self.pipe.unet,
+            backbone(self.pipe),
             guidance_scale=scale,
             guidance_rescale=self.sample.guidance_rescale,
             **cond.denoiser_kwargs(),
@@ -175,7 +175,8 @@ class Rollout:
     @staticmethod
     @contextlib.contextmanager
     def adapters_disabled(pipe: Any) -> Iterator[None]:
-        """The pipeline's base model: every peft LoRA layer of the UNet and the text encoders disabled.
+        """The pipeline's base model: every peft LoRA layer of the UNet (or SD3 transformer) and the text
+        encoders disabled.
 
         peft's ``BaseTunerLayer.enable_adapters(False)`` on each LoRA layer (what diffusers'
         ``unet.disable_adapters()`` does for the UNet; text encoders carry layers injected with peft's
@@ -186,7 +187,9 @@ class Rollout:
         """
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        models = [pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)]
+        from diffalign.pipelines import backbone
+
+        models = [backbone(pipe), getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)]
         layers = [m for model in models if model is not None for m in model.modules() if isinstance(m, BaseTunerLayer)]
         was_disabled = [bool(layer.disable_adapters) for layer in layers]
         grads = [
@@ -382,7 +385,8 @@ class Trainer:
         )
 
         from diffalign.evaluation import Evaluator
-        from diffalign.pipelines import add_lora, load_pipeline
+        from diffalign.methods.registry import check_method_sampler
+        from diffalign.pipelines import add_lora, load_pipeline, pipeline_sampler_kind
         from reward_models import RewardSpec, get_reward
 
         cfg = self.cfg
@@ -399,6 +403,7 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)  # the same LoRA initialization on every process
         dtype = DTYPE_BY_PRECISION[cfg.train.mixed_precision] if cfg.model.dtype == "auto" else cfg.model.dtype
+        check_method_sampler(cfg.train.method, pipeline_sampler_kind(cfg.model.pretrained), cfg.model.pretrained)
         self.pipe = load_pipeline(cfg.model.pretrained, dtype=dtype, device=acc.device, attention=cfg.model.attention)
         self.pipe.set_progress_bar_config(disable=True)
         self.params = add_lora(self.pipe, cfg.model.lora)
@@ -484,9 +489,9 @@ class Trainer:
         self.method_optimizers: dict[str, torch.optim.Optimizer] = optimizers
 
     def named_lora(self) -> dict[str, torch.nn.Parameter]:
-        from diffalign.pipelines import _text_encoders
+        from diffalign.pipelines import _text_encoders, backbone, backbone_name
 
-        mods = [("unet", self.pipe.unet)] + _text_encoders(self.pipe)
+        mods = [(backbone_name(self.pipe), backbone(self.pipe))] + _text_encoders(self.pipe)
         return {f"{m}.{n}": p for m, mod in mods for n, p in mod.named_parameters() if "lora_" in n}
 
     def _owned(self) -> dict[str, Any]:

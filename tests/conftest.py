@@ -27,3 +27,12 @@ def sdxl_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_sdxl")
     build_sdxl(tmp).save_pretrained(tmp / "pipe")
     return tmp / "pipe"
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory):
+    from tiny import build_sd3
+
+    tmp = tmp_path_factory.mktemp("tiny_sd3")
+    build_sd3(tmp).save_pretrained(tmp / "pipe")
+    return tmp / "pipe"

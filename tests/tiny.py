@@ -127,3 +127,60 @@ def build_sdxl(tmp: Path, seed: int = 0):
         tokenizer_2=tokenizer,
         scheduler=_ddim(),
     )
+
+
+def build_sd3(tmp: Path, seed: int = 0):
+    """StableDiffusion3Pipeline: a two-block MMDiT at 8x8 latents (16x16 images), two CLIPs, no T5.
+
+    Sizes after diffusers' SD3 dummy components; ``joint_attention_dim`` is the two CLIPs' concatenated
+    width (64), so the prompt sequence is theirs plus T5's zeros (the pipeline's ``text_encoder_3=None``
+    path). The VAE has a shift factor, as SD3's does, so decoding checks it.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    tokenizer = tiny_tokenizer(tmp)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,  # the last block is context-pre-only (no to_add_out); the first has every projection
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=16,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=_text_encoder(tokenizer, projection=True, seed=seed),
+        tokenizer=tokenizer,
+        text_encoder_2=_text_encoder(tokenizer, projection=True, seed=seed + 1),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )

@@ -59,8 +59,8 @@ class StepContext(Protocol):
     """The trainer's side of a step (see :class:`diffalign.trainer.Rollout`)."""
 
     sample: SampleConfig
-    scheduler: Any  # DDIMScheduler with set_timesteps(sample.steps) done
-    sampler: Sampler  # the step rule over that scheduler (diffalign.sampling.make_sampler): DDIM today
+    scheduler: Any  # DDIMScheduler (SD3: FlowMatchEulerDiscreteScheduler), set_timesteps(sample.steps) done
+    sampler: Sampler  # the step rule over that scheduler (diffalign.sampling.make_sampler): DDIM, or flow for SD3
     generator: torch.Generator  # CPU generator for sampler noise (owned and checkpointed by the trainer)
     rng: random.Random  # for truncation draws and permutations (owned and checkpointed by the trainer)
     checkpointing: bool  # wrap every UNet call with gradient in activation checkpointing

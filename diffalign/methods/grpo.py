@@ -59,7 +59,9 @@ class GRPOConfig:
 
     group_size: int = 8  # G images per prompt (TRL num_generations, Flow-GRPO sample.num_image_per_prompt)
     beta: float = 0.0  # KL weight to the reference (LoRA disabled); 0 skips the reference pass (TRL, Flow-GRPO base)
-    kl: Literal["mean", "k3"] = "mean"  # mean: exact Gaussian KL of a step per element; k3: estimator on log-probs
+    # mean: exact Gaussian KL of a step per element; k3: estimator on log-probs; flow_grpo: the Flow-GRPO
+    # reference code's form on flow pipelines, ||mu_theta - mu_ref||^2 / (2 g^2) without |dt| (spec §6.1)
+    kl: Literal["mean", "k3", "flow_grpo"] = "mean"
     clip_range: float = 1e-4  # PPO eps on mean-reduced log-probs (TRL epsilon; Flow-GRPO train.clip_range)
     adv_std: Literal["group", "global"] = "global"  # std of the group or of the whole step (Flow-GRPO global_std)
     adv_clip_max: float = 5.0  # clamp advantages to +-this
@@ -75,8 +77,8 @@ class GRPOConfig:
             )
         if self.beta < 0:
             raise DiffalignError(f"grpo.beta must be >= 0, got {self.beta}")
-        if self.kl not in ("mean", "k3"):
-            raise DiffalignError(f"grpo.kl must be 'mean' or 'k3', got {self.kl!r}")
+        if self.kl not in ("mean", "k3", "flow_grpo"):
+            raise DiffalignError(f"grpo.kl must be 'mean', 'k3' or 'flow_grpo', got {self.kl!r}")
         if self.clip_range <= 0:
             raise DiffalignError(f"grpo.clip_range must be > 0, got {self.clip_range}")
         if self.adv_std not in ("group", "global"):
@@ -109,10 +111,15 @@ def step_kl(kind: str, out: StepOutput, ref: StepOutput) -> torch.Tensor:
     ``mean``: ``||mu_theta - mu_ref||^2 / (2 sigma_t^2)`` averaged over latent elements (the exact KL of
     the two Gaussians, which share sigma_t, per element: the scale of the mean-reduced log-probs;
     :func:`~diffalign.methods.grpo_loss.gaussian_mean_kl`). ``k3``: :func:`~diffalign.methods.grpo_loss.k3_kl`
-    on the log-probs of the stored x_{k+1}.
+    on the log-probs of the stored x_{k+1}. ``flow_grpo`` (flow steps only): Flow-GRPO's code, which divides by
+    the noise scale g^2 instead of the step variance g^2 |dt| (spec §6.1 pitfall o), i.e. ``mean`` times |dt|.
     """
     if kind == "mean":
         return gaussian_mean_kl(out.mean, ref.mean.to(out.mean.dtype), out.std)
+    if kind == "flow_grpo":
+        if out.dt is None:
+            raise DiffalignError("grpo.kl=flow_grpo is Flow-GRPO's form for flow pipelines (SD3); use kl=mean or k3")
+        return gaussian_mean_kl(out.mean, ref.mean.to(out.mean.dtype), out.std) * out.dt.abs().reshape(-1)
     return k3_kl(out.log_prob, ref.log_prob.to(out.log_prob.dtype))
 
 
@@ -227,7 +234,7 @@ def validate_grpo(cfg: DiffalignConfig) -> None:
     if s.eta <= 0:
         raise DiffalignError(
             "grpo needs sample.eta > 0 (each step must be a Gaussian policy; log-probs are undefined for eta = 0); "
-            "set sample.eta=1.0 (evaluate at eta 0 with eval.eta)"
+            "set sample.eta=1.0 for DDIM or the flow SDE's noise level 0.7 for SD3 (evaluate at eta 0 with eval.eta)"
         )
     per_step = s.batch_size * s.num_batches * g.group_size
     if per_step % g.train_batch_size:
@@ -243,4 +250,4 @@ def validate_grpo(cfg: DiffalignConfig) -> None:
         )
 
 
-register_method(MethodEntry("grpo", GRPO, GRPOConfig, "grpo", False, validate_grpo))
+register_method(MethodEntry("grpo", GRPO, GRPOConfig, "grpo", False, validate_grpo, samplers=("ddim", "flow")))

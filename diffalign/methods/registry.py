@@ -47,7 +47,9 @@ class MethodEntry:
     ``__post_init__``). ``needs_differentiable_reward=None`` takes the class's
     ``needs_differentiable_reward``. ``validate(cfg)`` gets the whole :class:`DiffalignConfig` once the
     sections are built and raises a one-line :class:`DiffalignError` naming the fix for a bad
-    combination (``cfg.method_config`` is this method's section).
+    combination (``cfg.method_config`` is this method's section). ``samplers`` names the step rules the
+    method supports (:func:`check_method_sampler`); a method that needs DDIM (its noise schedule, its
+    epsilon-prediction loss, stored DDIM chains) keeps the default ``("ddim",)``.
     """
 
     name: str
@@ -56,6 +58,9 @@ class MethodEntry:
     section: str
     needs_differentiable_reward: bool | None = None
     validate: Callable[[DiffalignConfig], None] | None = None
+    # the step rules (diffalign.sampling.Sampler.kind) the method works with: "ddim" (SD, SDXL) and / or
+    # "flow" (SD3's rectified flow); a pipeline of another kind is refused before it loads
+    samplers: tuple[str, ...] = ("ddim",)
 
     def __post_init__(self) -> None:
         if self.needs_differentiable_reward is None:
@@ -154,6 +159,17 @@ def get_method(name: str) -> MethodEntry:
     return entry
 
 
+def check_method_sampler(name: str, kind: str, model: str = "the pipeline") -> None:
+    """Refuse, in one line, a pipeline whose step rule ``kind`` ("ddim", "flow") method ``name`` does not support."""
+    entry = get_method(name)
+    if kind not in entry.samplers:
+        able = [e.name for e in _METHODS.values() if kind in e.samplers]
+        raise DiffalignError(
+            f"method {name!r} supports {' and '.join(entry.samplers)} pipelines, but {model} samples with {kind}; "
+            f"methods for {kind} pipelines: {', '.join(able) or 'none'}"
+        )
+
+
 def build_method(cfg: DiffalignConfig) -> Method:
     """The method named by ``cfg.train.method``, built with its section of the config."""
     entry = get_method(cfg.train.method)
@@ -194,6 +210,7 @@ __all__ = [
     "PLUGINS_ENV",
     "MethodEntry",
     "build_method",
+    "check_method_sampler",
     "get_method",
     "load_plugins",
     "method_names",

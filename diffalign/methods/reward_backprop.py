@@ -309,7 +309,13 @@ def validate_draft_k(cfg: DiffalignConfig) -> None:
         raise DiffalignError(f"draft.k={k} exceeds sample.steps={steps}; lower draft.k")
 
 
-register_method(MethodEntry("alignprop", AlignProp, AlignPropConfig, "alignprop", True, validate_alignprop))
-register_method(MethodEntry("draft_k", DraftK, DraftConfig, "draft", True, validate_draft_k))
+# AlignProp, DRaFT-K and ReFL only ask the sampler for differentiable steps and x0_hat, so they run on flow
+# pipelines too (sample.eta: the flow SDE's noise level, 0 = the ODE); DRaFT-LV re-noises x0 with DDIM's
+# alpha_bar, so it stays DDIM-only.
+FLOW_TOO = ("ddim", "flow")
+register_method(
+    MethodEntry("alignprop", AlignProp, AlignPropConfig, "alignprop", True, validate_alignprop, samplers=FLOW_TOO)
+)
+register_method(MethodEntry("draft_k", DraftK, DraftConfig, "draft", True, validate_draft_k, samplers=FLOW_TOO))
 register_method(MethodEntry("draft_lv", DraftLV, DraftConfig, "draft", True, validate_reward_backprop))
-register_method(MethodEntry("refl", ReFL, ReFLConfig, "refl", True, validate_reward_backprop))
+register_method(MethodEntry("refl", ReFL, ReFLConfig, "refl", True, validate_reward_backprop, samplers=FLOW_TOO))
