@@ -43,9 +43,10 @@ matters from the first step, and more as the CLIP saturates near its 0.95 ceilin
 the discriminator's clipped hinge score is of the order of +-1 once it has trained, a spread larger than
 the proxy's; it is 0 at step 1 (the head starts at 0).
 
-Figures: not measured yet. Cost (from the GRPO measurements in docs/training.md, 2-core CPU, one thread
-per run, two runs at a time): about 13 s a step with its evaluations, so 60 steps x 2 variants x 3 seeds
-is about 80 minutes with ``--jobs 2``.
+Figures: not measured yet. Cost, estimated from the GRPO measurements in docs/training.md (2-core CPU,
+one thread per run, two runs at a time: 9-10 s a training step, about 30 s per evaluation of 150 images;
+Adv-GRPO about 5 % more): about 14 minutes for a 60-step run with its 7 evaluations, so about 45 minutes
+for 2 variants x 3 seeds with ``--jobs 2``, more when other jobs share the machine.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def command(variant: Variant, seed: int, out: Path, steps: int, extra: Sequence[
     return cmd + [*variant.overrides, *extra, f"train.seed={seed}", f"train.steps={steps}"]
 
 
-def run_all(jobs: list[tuple[str, list[str]]], out: Path, threads: int, parallel: int) -> list[str]:
+def run_all(jobs: list[tuple[str, list[str]]], out: Path, threads: int, parallel: int, poll: float = 2.0) -> list[str]:
     """Run the commands, ``parallel`` at a time, logs in ``OUT/logs``; returns the names of failed runs."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS=str(threads))
     logs = out / "logs"
@@ -212,7 +213,7 @@ def run_all(jobs: list[tuple[str, list[str]]], out: Path, threads: int, parallel
             print(f"hacking_study: start {name} (log: {logs / f'{name}.log'})", flush=True)
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             running.append((name, proc, log))
-        time.sleep(2.0)
+        time.sleep(poll)
         for item in list(running):
             name, proc, log = item
             if proc.poll() is None:

@@ -115,6 +115,25 @@ def test_bad_arguments_are_one_line(
     assert "\n" not in err and err.startswith("hacking_study: ") and part in err
 
 
+def test_run_all_sets_the_threads_logs_and_reports_failures(tmp_path: Path) -> None:
+    show = "import os; print('threads', os.environ['OMP_NUM_THREADS'], os.environ['OMP_WAIT_POLICY'])"
+    jobs = [("ok-s0", [sys.executable, "-c", show]), ("bad-s0", [sys.executable, "-c", "raise SystemExit(3)"])]
+    failed = hacking_study.run_all(jobs, tmp_path, threads=2, parallel=2, poll=0.1)
+    assert failed == ["bad-s0"]
+    log = (tmp_path / "logs" / "ok-s0.log").read_text()
+    assert log.startswith("$ ") and "threads 2 PASSIVE" in log
+
+
+def test_a_complete_run_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    done = tmp_path / "proxy-only-s0"
+    (done / "lora").mkdir(parents=True)
+    _write(done / "eval.jsonl", [{"step": 0, "gold/accuracy": 0.3}, {"step": 40, "gold/accuracy": 0.3}])
+    assert hacking_study.main(["--dry-run", "--out", str(tmp_path), "--seeds", "0", "--steps", "40"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"hacking_study: proxy-only-s0 is complete ({done}); skipped"
+    assert len(lines) == 2 and "proxy-adv-s0" in lines[1]
+
+
 def _fake_run(run: Path, gold: list[float], hacking_at: int | None, clip: float, sat: float) -> None:
     steps = [0, 10, 20, 30]
     evals = [
