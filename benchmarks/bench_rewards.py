@@ -54,6 +54,7 @@ def specs(root: Path) -> dict[str, str]:
         "dino_similarity": f"dino_similarity:model={dino},references={refs}",
         "jpeg_compressibility": "jpeg_compressibility",
         "jpeg_incompressibility": "jpeg_incompressibility",
+        "saturation": "saturation",
         "shapes_gold": "shapes_gold",
     }
 

@@ -53,9 +53,19 @@ ALL = [
     "dino_similarity",
     "jpeg_compressibility",
     "jpeg_incompressibility",
+    "saturation",
     "shapes_gold",
 ]
-DIFFERENTIABLE = {"clip_score", "shapes_clip", "aesthetic", "hps", "pickscore", "imagereward", "dino_similarity"}
+DIFFERENTIABLE = {
+    "clip_score",
+    "shapes_clip",
+    "aesthetic",
+    "hps",
+    "pickscore",
+    "imagereward",
+    "dino_similarity",
+    "saturation",
+}
 
 # Measured on the fixed 40x48 / 64x64 / 100x80 / 24x20 test images (see test_preprocess_*):
 # max |ours - processor| over the normalised pixel tensor 0.013-0.047 (PIL rounds the resized image to
@@ -98,6 +108,7 @@ class Tiny:
             "dino_similarity": f"dino_similarity:model={self.dino},references={self.references}",
             "jpeg_compressibility": "jpeg_compressibility",
             "jpeg_incompressibility": "jpeg_incompressibility",
+            "saturation": "saturation",
             "shapes_gold": "shapes_gold",
         }[name]
 

@@ -138,6 +138,8 @@ def test_shipped_configs_load(tmp_path):
         methods.add(cfg.train.method)
         if "shapes" in f.parts:
             rewards = ["adversarial"] if cfg.train.method == "adv_grpo" else ["shapes_clip"]  # its own discriminator
+            if f.stem.endswith("_hackable"):  # the hackable proxy of scripts/hacking_study.py (+ its discriminator)
+                rewards = ["shapes_clip", "saturation"] + rewards[:1] * (cfg.train.method == "adv_grpo")
             assert cfg.model.pretrained == "assets/shapes-sd" and cfg.reward.rewards == rewards
             assert cfg.eval.gold == "auto" and cfg.prompts.eval == "shapes:heldout"
     assert methods == {"alignprop", "draft_k", "draft_lv", "refl", "ddpo", "grpo", "prdp", "d3po", "dpo", "adv_grpo"}
