@@ -12,9 +12,11 @@ plain ``pipe.load_lora_weights(dir)`` reproduces our outputs, alpha != rank incl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -421,9 +423,101 @@ def add_lora(pipe, settings: LoraSettings) -> list[torch.nn.Parameter]:
     return params
 
 
-def lora_parameters(pipe) -> list[torch.nn.Parameter]:
+def lora_adapter_of(name: str) -> str | None:
+    """The peft adapter a parameter belongs to, from its name (``...to_q.lora_A.default.weight`` -> ``default``;
+    ``None`` for a parameter of no LoRA layer)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_"):
+            return parts[i + 1]
+    return None
+
+
+def lora_parameters(pipe, adapter: str = "default") -> list[torch.nn.Parameter]:
+    """The parameters of LoRA adapter ``adapter`` (the trained one, ``default``) in the backbone and text encoders."""
     mods = [backbone(pipe)] + [te for _, te in _text_encoders(pipe)]
-    return [p for m in mods for n, p in m.named_parameters() if "lora_" in n]
+    return [p for m in mods for n, p in m.named_parameters() if lora_adapter_of(n) == adapter]
+
+
+def _lora_models(pipe, adapter: str) -> list[tuple[str, torch.nn.Module]]:
+    """(name, model) of the backbone and text encoders that carry peft adapter ``adapter``."""
+    mods = [(backbone_name(pipe), backbone(pipe))] + _text_encoders(pipe)
+    return [(n, m) for n, m in mods if adapter in (getattr(m, "peft_config", None) or {})]
+
+
+def _tuner_layers(models: list[torch.nn.Module]) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def add_adapter_copy(pipe, name: str, source: str = "default") -> dict[str, torch.nn.Parameter]:
+    """A second LoRA adapter ``name`` next to ``source`` on every model that carries ``source`` (the backbone,
+    and the text encoders when they have LoRA), with ``source``'s peft config and a copy of its values.
+
+    The new adapter is frozen (``requires_grad`` False) and in float32, like the trained one; the active
+    adapter of every layer and every parameter's ``requires_grad`` stay as they were (peft's injection
+    would make the new adapter active). Select it with :func:`active_adapter`. Returns its parameters
+    by qualified name (``transformer.<...>.lora_A.<name>.weight``). DiffusionNFT's old policy (spec §2.4).
+    """
+    import copy
+    import warnings
+
+    from peft import inject_adapter_in_model
+
+    models = _lora_models(pipe, source)
+    if not models:
+        raise DiffalignError(f"the pipeline has no LoRA adapter {source!r} to copy; call add_lora first")
+    if any(name in m.peft_config for _, m in models):
+        raise DiffalignError(f"the pipeline already has a LoRA adapter named {name!r}")
+    out: dict[str, torch.nn.Parameter] = {}
+    for model_name, model in models:
+        layers = _tuner_layers([model])
+        active = [list(layer.active_adapters) for layer in layers]
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        with warnings.catch_warnings():  # "multiple adapters in the model": that is the point
+            warnings.simplefilter("ignore")
+            inject_adapter_in_model(copy.deepcopy(model.peft_config[source]), model, adapter_name=name)
+        for layer, names in zip(layers, active, strict=True):
+            layer.set_adapter(names)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, p in params.items():
+                if lora_adapter_of(key) != name:
+                    continue
+                parts = key.split(".")
+                i = next(j for j, part in enumerate(parts[:-1]) if part.startswith("lora_")) + 1
+                src = params[".".join([*parts[:i], source, *parts[i + 1 :]])]
+                p.data = src.detach().clone().float()
+                p.requires_grad_(False)
+                out[f"{model_name}.{key}"] = p
+    return out
+
+
+@contextlib.contextmanager
+def active_adapter(pipe, name: str) -> Iterator[None]:
+    """Inside: every LoRA layer of the backbone and text encoders computes with adapter ``name`` (frozen)
+    instead of its active one; on exit, also after an exception, every layer's active adapters and every
+    adapter parameter's ``requires_grad`` are as before. Weights are neither copied nor changed."""
+    models = [m for _, m in _lora_models(pipe, name)]
+    if not models:
+        raise DiffalignError(f"the pipeline has no LoRA adapter named {name!r}")
+    layers = _tuner_layers(models)
+    active = [list(layer.active_adapters) for layer in layers]
+    flags = [(p, p.requires_grad) for model in models for n, p in model.named_parameters() if lora_adapter_of(n)]
+    try:
+        for layer in layers:
+            layer.set_adapter(name)
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for layer, names in zip(layers, active, strict=True):
+            layer.set_adapter(names)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def lora_state_dicts(pipe) -> dict[str, dict[str, torch.Tensor]]:

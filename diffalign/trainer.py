@@ -489,10 +489,12 @@ class Trainer:
         self.method_optimizers: dict[str, torch.optim.Optimizer] = optimizers
 
     def named_lora(self) -> dict[str, torch.nn.Parameter]:
-        from diffalign.pipelines import _text_encoders, backbone, backbone_name
+        """The trained LoRA (adapter ``default``) by qualified name; another adapter a method adds (DiffusionNFT's
+        old policy) is the method's state, checkpointed through its ``modules()``."""
+        from diffalign.pipelines import _text_encoders, backbone, backbone_name, lora_adapter_of
 
         mods = [(backbone_name(self.pipe), backbone(self.pipe))] + _text_encoders(self.pipe)
-        return {f"{m}.{n}": p for m, mod in mods for n, p in mod.named_parameters() if "lora_" in n}
+        return {f"{m}.{n}": p for m, mod in mods for n, p in mod.named_parameters() if lora_adapter_of(n) == "default"}
 
     def _owned(self) -> dict[str, Any]:
         return {"generator": self.generator, "rng": self.rng}

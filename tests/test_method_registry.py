@@ -97,7 +97,7 @@ def test_plugin_import_failure_is_one_line(tmp_path, monkeypatch, capsys):
 def test_unknown_method_lists_registered_names(tmp_path, toy):
     assert one_line_error(tmp_path, overrides=["train.method=tooy"]) == (
         "config key 'train.method' must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, prdp, d3po, "
-        "d3po_human, dpo, adv_grpo, toy, got 'tooy'; "
+        "d3po_human, dpo, adv_grpo, nft, toy, got 'tooy'; "
         "did you mean 'toy'?"
     )
     assert "plugins: [module]" in one_line_error(tmp_path, overrides=["train.method=zzz_method"])
@@ -151,7 +151,7 @@ def test_draft_methods_share_one_section(tmp_path):
     assert (
         set(cfg.methods)
         == set(method_sections())
-        == {"alignprop", "draft", "refl", "ddpo", "grpo", "prdp", "d3po", "dpo", "adv_grpo"}
+        == {"alignprop", "draft", "refl", "ddpo", "grpo", "prdp", "d3po", "dpo", "adv_grpo", "nft"}
     )
     assert cfg.to_dict()["draft"]["n_lv"] == 3 and "alignprop" not in cfg.to_dict()
 

@@ -56,7 +56,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["model.gradient_checkpointing=maybe"], "expects true or false, got maybe"),
         (
             ["train.method=alignprp"],
-            "must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, prdp, d3po, d3po_human, dpo, adv_grpo, got 'alignprp'; did you mean 'alignprop'?",
+            "must be one of alignprop, draft_k, draft_lv, refl, ddpo, grpo, prdp, d3po, d3po_human, dpo, adv_grpo, nft, got 'alignprp'; did you mean 'alignprop'?",
         ),
         (["train=3"], "config key 'train' is a section"),
         (["train.lr"], "must be written section.key=value"),
@@ -142,7 +142,19 @@ def test_shipped_configs_load(tmp_path):
                 rewards = ["shapes_clip", "saturation"] + rewards[:1] * (cfg.train.method == "adv_grpo")
             assert cfg.model.pretrained == "assets/shapes-sd" and cfg.reward.rewards == rewards
             assert cfg.eval.gold == "auto" and cfg.prompts.eval == "shapes:heldout"
-    assert methods == {"alignprop", "draft_k", "draft_lv", "refl", "ddpo", "grpo", "prdp", "d3po", "dpo", "adv_grpo"}
+    assert methods == {
+        "alignprop",
+        "draft_k",
+        "draft_lv",
+        "refl",
+        "ddpo",
+        "grpo",
+        "prdp",
+        "d3po",
+        "dpo",
+        "adv_grpo",
+        "nft",
+    }
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parent.parent.glob("configs/*/*.yaml")), ids=str)

@@ -28,6 +28,7 @@ from diffalign.methods import prdp as _prdp  # noqa: F401  # isort: skip
 from diffalign.methods import d3po as _d3po  # noqa: F401  # isort: skip
 from diffalign.methods import dpo as _dpo  # noqa: F401  # isort: skip
 from diffalign.methods import adv_grpo as _adv_grpo  # noqa: F401  # isort: skip
+from diffalign.methods import nft as _nft  # noqa: F401  # isort: skip
 
 
 def method_class(name: str) -> type[Method]:

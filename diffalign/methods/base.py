@@ -64,6 +64,9 @@ class StepContext(Protocol):
     generator: torch.Generator  # CPU generator for sampler noise (owned and checkpointed by the trainer)
     rng: random.Random  # for truncation draws and permutations (owned and checkpointed by the trainer)
     checkpointing: bool  # wrap every UNet call with gradient in activation checkpointing
+    # the diffusers pipeline, for a method that attaches LoRA adapters of its own in ``configure``
+    # (DiffusionNFT's old policy: diffalign.pipelines.add_adapter_copy / active_adapter); sample through the helpers
+    pipe: Any
 
     def denoiser(self, prompts: list[str], guidance_scale: float | None = None) -> Denoiser:
         """The UNet as ``denoise(x, t)`` for ``prompts``: with the sampling guidance, or ``guidance_scale``."""
