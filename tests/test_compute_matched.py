@@ -1,0 +1,59 @@
+"""scripts/compute_matched.py on hand-written runs: minutes from rates, the table's numbers, the PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("compute_matched", ROOT / "scripts" / "compute_matched.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compute_matched"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(path: Path, golds: dict[int, float], seconds_per_step: float) -> Path:
+    path.mkdir(parents=True)
+    evals = [{"step": s, "gold/accuracy": g, "diversity": 0.2} for s, g in golds.items()]
+    (path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    steps = range(1, max(golds) + 1)
+    metrics = [{"step": s, "time": {"step_seconds": seconds_per_step, "elapsed": s * seconds_per_step}} for s in steps]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    return path
+
+
+def test_minutes_from_rates_table_and_png(tmp_path, capsys):
+    cm = load_script()
+    a = fake_run(tmp_path / "a0", {0: 0.28, 10: 0.38, 20: 0.44}, 30.0)
+    b = fake_run(tmp_path / "a1", {0: 0.28, 10: 0.34, 20: 0.40}, 30.0)
+    c = fake_run(tmp_path / "d0", {0: 0.28, 5: 0.30, 10: 0.33}, 99.0)
+    rates = tmp_path / "rates.json"
+    rates.write_text(json.dumps({"rates": {"grpo": {"step_seconds": 6.0}, "ddpo": {"step_seconds": 12.0}}}))
+    png = tmp_path / "cm.png"
+    cm.main(["--rates", str(rates), "--method", f"G=grpo:{a},{b}", "--method", f"D=ddpo:{c}", "--budget", "1",
+             "--budget", "2", "--png", str(png)])  # fmt: skip
+    out = capsys.readouterr().out
+    # grpo: 6 s/step -> step 10 at 1 min, step 20 at 2 min; ddpo: 12 s/step -> step 5 at 1 min, step 10 at 2
+    assert "| G | 1 (step 10) | 2 | 0.360 (0.340..0.380) | 0.080 (0.060..0.100) |" in out
+    assert "| G | 2 (step 20) | 2 | 0.420 (0.400..0.440) | 0.140 (0.120..0.160) |" in out
+    assert "| D | 1 (step 5) | 1 | 0.300 (0.300..0.300) |" in out and "| D | 2 (step 10) | 1 | 0.330" in out
+    assert png.stat().st_size > 5000
+
+
+def test_elapsed_without_rates_and_bad_inputs(tmp_path):
+    cm = load_script()
+    run = fake_run(tmp_path / "r", {0: 0.28, 10: 0.4}, 30.0)
+    curve = cm.load_curve(run, None)
+    assert [m for m, _ in curve.points] == [0.0, 5.0]  # step 10 x 30 s elapsed
+    with pytest.raises(SystemExit, match="is not LABEL=CONFIG:RUN"):
+        cm.parse_method("grpo-runs")
+    with pytest.raises(SystemExit, match="does not exist"):
+        cm.load_curve(tmp_path / "missing", None)
