@@ -336,14 +336,9 @@ class Sampler(ABC):
         """The clean-sample prediction x0_hat of the network output at ``(x_t, t)``."""
 
 
-class DDIMSampler(Sampler):
-    """DDIM with eta (Song et al. 2021, arXiv 2010.02502, Eq. 12 and 16) over a diffusers ``DDIMScheduler``.
-
-    :meth:`step` is :func:`ddim_step` (DDPO's Gaussian log-density, ``logprob_reduction`` mean or
-    sum); the grid, ``init_noise_sigma`` and ``scale_model_input`` are the scheduler's.
-    """
-
-    kind = "ddim"
+class SchedulerSampler(Sampler):
+    """A :class:`Sampler` over a diffusers scheduler: the grid is the scheduler's (``set_timesteps``);
+    ``logprob_reduction`` (mean or sum over latent elements) is what :meth:`step` returns."""
 
     def __init__(self, scheduler, logprob_reduction: Literal["mean", "sum"] = "mean") -> None:
         self.scheduler = scheduler
@@ -355,6 +350,16 @@ class DDIMSampler(Sampler):
 
     def set_steps(self, num_steps: int, device: str | torch.device | None = None) -> None:
         self.scheduler.set_timesteps(num_steps, device=device)
+
+
+class DDIMSampler(SchedulerSampler):
+    """DDIM with eta (Song et al. 2021, arXiv 2010.02502, Eq. 12 and 16) over a diffusers ``DDIMScheduler``.
+
+    :meth:`step` is :func:`ddim_step` (DDPO's Gaussian log-density, ``logprob_reduction`` mean or
+    sum); the grid, ``init_noise_sigma`` and ``scale_model_input`` are the scheduler's.
+    """
+
+    kind = "ddim"
 
     @property
     def init_noise_sigma(self) -> float:
@@ -463,7 +468,7 @@ def flow_sde_step(
     return StepOutput(prev_sample.to(out_dtype), log_prob, mean, std, x0, dt=dt)
 
 
-class FlowMatchSampler(Sampler):
+class FlowMatchSampler(SchedulerSampler):
     """Rectified-flow sampling over a diffusers ``FlowMatchEulerDiscreteScheduler`` (SD3 / SD3.5).
 
     The grid is the scheduler's (``timesteps = 1000 sigma``, sigma from 1 to the last value before 0,
@@ -473,17 +478,6 @@ class FlowMatchSampler(Sampler):
     """
 
     kind = "flow"
-
-    def __init__(self, scheduler, logprob_reduction: Literal["mean", "sum"] = "mean") -> None:
-        self.scheduler = scheduler
-        self.logprob_reduction = logprob_reduction
-
-    @property
-    def timesteps(self) -> torch.Tensor:
-        return self.scheduler.timesteps
-
-    def set_steps(self, num_steps: int, device: str | torch.device | None = None) -> None:
-        self.scheduler.set_timesteps(num_steps, device=device)
 
     def sigmas(self, t: int | float | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma, sigma') of the grid step at timestep(s) ``t``, shaped [B, 1, ...] like ``like``, float32."""

@@ -219,3 +219,22 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` on resume (after :meth:`modules` and :meth:`optimizers` are restored)."""
         return None
+
+
+def check_minibatches(method: str, what: str, per_step: int, train_batch_size: int, accumulation: int) -> None:
+    """One-line errors unless a step's ``per_step`` samples (``what``: the config product that gives it) split
+    into whole minibatches of ``train_batch_size`` and the minibatches into whole updates of
+    ``accumulation`` (``train.gradient_accumulation_steps``): the policy methods' shared validation."""
+    from diffalign.errors import DiffalignError
+
+    if per_step % train_batch_size:
+        raise DiffalignError(
+            f"{method}: samples per step per process ({what} = {per_step}) must be divisible by "
+            f"{method}.train_batch_size ({train_batch_size})"
+        )
+    minibatches = per_step // train_batch_size
+    if minibatches % accumulation:
+        raise DiffalignError(
+            f"{method}: {minibatches} minibatches per inner epoch is not divisible by "
+            f"train.gradient_accumulation_steps ({accumulation}); an update would be lost"
+        )

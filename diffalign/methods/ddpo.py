@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
+from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult, check_minibatches
 from diffalign.methods.registry import MethodEntry, register_method
 from diffalign.rollouts import Collected, Trajectories, collect
 from diffalign.sampling import Sampler, denoise_step
@@ -328,17 +328,7 @@ def validate_ddpo(cfg: DiffalignConfig) -> None:
     if s.eta <= 0:
         raise DiffalignError("ddpo needs sample.eta > 0 (log-probs are undefined for eta = 0); set sample.eta=1.0")
     per_step = s.batch_size * s.num_batches
-    if per_step % d.train_batch_size:
-        raise DiffalignError(
-            f"ddpo: samples per step per process (sample.batch_size x sample.num_batches = {per_step}) must be "
-            f"divisible by ddpo.train_batch_size ({d.train_batch_size})"
-        )
-    minibatches = per_step // d.train_batch_size
-    if minibatches % accum:
-        raise DiffalignError(
-            f"ddpo: {minibatches} minibatches per inner epoch is not divisible by "
-            f"train.gradient_accumulation_steps ({accum}); an update would be lost"
-        )
+    check_minibatches("ddpo", "sample.batch_size x sample.num_batches", per_step, d.train_batch_size, accum)
     if not d.cfg and s.guidance_scale != 1.0:
         raise DiffalignError(
             "ddpo.cfg=false recomputes log-probs without the guidance used for sampling, so ratios are not 1 "

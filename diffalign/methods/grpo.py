@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
+from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult, check_minibatches
 from diffalign.methods.ddpo import PPOStats, ppo_minibatches
 from diffalign.methods.grpo_loss import gaussian_mean_kl, grpo_loss, k3_kl
 from diffalign.methods.registry import MethodEntry, register_method
@@ -237,17 +237,8 @@ def validate_grpo(cfg: DiffalignConfig) -> None:
             "set sample.eta=1.0 for DDIM or the flow SDE's noise level 0.7 for SD3 (evaluate at eta 0 with eval.eta)"
         )
     per_step = s.batch_size * s.num_batches * g.group_size
-    if per_step % g.train_batch_size:
-        raise DiffalignError(
-            f"grpo: trajectories per step per process (sample.batch_size x sample.num_batches x grpo.group_size = "
-            f"{per_step}) must be divisible by grpo.train_batch_size ({g.train_batch_size})"
-        )
-    minibatches = per_step // g.train_batch_size
-    if minibatches % accum:
-        raise DiffalignError(
-            f"grpo: {minibatches} minibatches per inner epoch is not divisible by "
-            f"train.gradient_accumulation_steps ({accum}); an update would be lost"
-        )
+    what = "sample.batch_size x sample.num_batches x grpo.group_size"
+    check_minibatches("grpo", what, per_step, g.train_batch_size, accum)
 
 
 register_method(MethodEntry("grpo", GRPO, GRPOConfig, "grpo", False, validate_grpo, samplers=("ddim", "flow")))

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.methods.base import PromptBatch, StepContext, StepResult
+from diffalign.methods.base import PromptBatch, StepContext, StepResult, check_minibatches
 from diffalign.methods.grpo import GRPO
 from diffalign.methods.nft_loss import (
     ADV_MODES,
@@ -290,17 +290,8 @@ def validate_nft(cfg: DiffalignConfig) -> None:
             f"nft samples with the deterministic ODE and needs no log-probs; set sample.eta=0 (got {s.eta})"
         )
     per_step = s.batch_size * s.num_batches * g.group_size
-    if per_step % g.train_batch_size:
-        raise DiffalignError(
-            f"nft: samples per step per process (sample.batch_size x sample.num_batches x nft.group_size = "
-            f"{per_step}) must be divisible by nft.train_batch_size ({g.train_batch_size})"
-        )
-    minibatches = per_step // g.train_batch_size
-    if minibatches % accum:
-        raise DiffalignError(
-            f"nft: {minibatches} minibatches per inner epoch is not divisible by "
-            f"train.gradient_accumulation_steps ({accum}); an update would be lost"
-        )
+    what = "sample.batch_size x sample.num_batches x nft.group_size"
+    check_minibatches("nft", what, per_step, g.train_batch_size, accum)
 
 
 register_method(MethodEntry("nft", NFT, NFTConfig, "nft", False, validate_nft, samplers=("flow",)))
