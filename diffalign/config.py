@@ -39,6 +39,7 @@ from diffalign.methods.registry import (
     registered_methods,
     unknown_method_hint,
 )
+from diffalign.fsdp import FSDPSettings
 from diffalign.pipelines import LoraSettings
 
 _SECTIONS = "method_sections"  # metadata flag of DiffalignConfig.methods: one YAML section per registered section
@@ -98,6 +99,7 @@ class TrainConfig:
     warmup_steps: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
+    fsdp: FSDPSettings = field(default_factory=FSDPSettings)  # shard the frozen base over processes (FSDP2)
 
     def __post_init__(self) -> None:
         if self.method not in method_names():
