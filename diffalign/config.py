@@ -31,6 +31,7 @@ import yaml
 
 from diffalign.combine import CombineOptions, check_options
 from diffalign.errors import DiffalignError
+from diffalign.fsdp import FSDPSettings
 from diffalign.methods.registry import (
     get_method,
     load_plugins,
@@ -39,7 +40,6 @@ from diffalign.methods.registry import (
     registered_methods,
     unknown_method_hint,
 )
-from diffalign.fsdp import FSDPSettings
 from diffalign.pipelines import LoraSettings
 
 _SECTIONS = "method_sections"  # metadata flag of DiffalignConfig.methods: one YAML section per registered section

@@ -58,7 +58,9 @@ class FSDPSettings:
                 f"train.fsdp.version must be 2 (FSDP2, torch's fully_shard), got {self.version}; FSDP1 is not supported"
             )
         if self.blocks is not None and (not self.blocks or not all(isinstance(b, str) and b for b in self.blocks)):
-            raise DiffalignError(f"train.fsdp.blocks must be a non-empty list of class names or null, got {self.blocks}")
+            raise DiffalignError(
+                f"train.fsdp.blocks must be a non-empty list of class names or null, got {self.blocks}"
+            )
 
 
 def fsdp_unavailable_reason() -> str | None:

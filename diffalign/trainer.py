@@ -11,7 +11,8 @@ and exact resume. Only the main process writes files.
 Gradients are averaged across processes by one all-reduce of the flattened LoRA gradients before
 clipping (not by wrapping the UNet in DDP: reward backprop calls the UNet many times per backward,
 which DDP's reducer does not allow). Gradient accumulation is explicit: one training step runs all
-its micro-batches, then updates.
+its micro-batches, then updates. With ``train.fsdp.enabled`` the frozen backbone is sharded over the
+processes by FSDP2 (:mod:`diffalign.fsdp`) while the LoRA stays replicated, so all of the above holds as is.
 
 Resume is exact on CPU: a resumed run writes the same ``metrics.jsonl`` and ``eval.jsonl`` as an
 uninterrupted one, except for the wall-clock values, which live under the ``time`` key of each record.

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from train_fixtures import assert_same_run, launch_two_processes, records, tiny_config, write_config
 
 from diffalign.errors import DiffalignError
-from diffalign.fsdp import FSDPSettings, default_blocks, fsdp_unavailable_reason, lora_modules, make_plugin
+from diffalign.fsdp import FSDPSettings, default_blocks, fsdp_unavailable_reason, make_plugin
 from diffalign.pipelines import LoraSettings, add_lora, backbone, load_pipeline, lora_parameters
 from diffalign.trainer import check_distributed_type, check_fsdp_launch
 
@@ -46,7 +46,13 @@ def test_wrapping_policy_shards_blocks_and_ignores_exactly_the_lora(family, sd3_
     if family == "sd3":
         assert blocks == ["JointTransformerBlock"]
     else:
-        assert blocks == ["CrossAttnDownBlock2D", "CrossAttnUpBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "UpBlock2D"]
+        assert blocks == [
+            "CrossAttnDownBlock2D",
+            "CrossAttnUpBlock2D",
+            "DownBlock2D",
+            "UNetMidBlock2DCrossAttn",
+            "UpBlock2D",
+        ]
     plugin = make_plugin(FSDPSettings(enabled=True), model)
     assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == blocks
     assert plugin.reshard_after_forward is True
@@ -152,3 +158,34 @@ def test_fsdp_two_processes_shard_the_base_match_ddp_and_resume_exactly(tmp_path
     after = draw()
     print(f"LoRA changes the image by {float((after - before).abs().max()):.3e}")
     assert not torch.equal(before, after)
+
+
+def test_fsdp_alignprop_on_the_unet_matches_ddp(tmp_path, sd_dir):
+    """Reward backprop through every sampling step on the tiny SD UNet sharded per down / mid / up block: many
+    checkpointed calls of the sharded UNet per backward, LoRA on the text encoder too (not sharded)."""
+    pytest.importorskip("accelerate")
+    runs = {}
+    for name, fsdp in [("ddp", False), ("fsdp", True)]:
+        out = tmp_path / name
+        cfg = tiny_config(
+            sd_dir,
+            out,
+            "alignprop",
+            model={"lora": {"rank": 2, "alpha": 2.0, "text_encoder": True}, "gradient_checkpointing": True},
+            alignprop={"truncation": "fixed", "k": 2},
+            train={"steps": 2, "fsdp": {"enabled": fsdp}},
+            eval={"every": 0, "num_prompts": 2, "seeds": [0]},
+            checkpoint={"every": 0},
+        )
+        proc = _launch(write_config(tmp_path / f"{name}.yaml", cfg))
+        assert proc.stdout.count("finished 2 steps of alignprop") == 1
+        runs[name] = out
+    info = json.loads((runs["fsdp"] / "run_info.jsonl").read_text().splitlines()[0])["fsdp"]
+    print("fsdp shards (unet):", info)
+    assert all(0.45 * r["sharded_numel"] <= r["local_numel"] <= 0.55 * r["sharded_numel"] for r in info)
+    assert info[0]["units"] == 7  # two down, one mid, two up blocks, conv_norm_out (the final norm) and the root
+    a, b = load_file(runs["ddp"] / "lora" / LORA), load_file(runs["fsdp"] / "lora" / LORA)
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"fsdp vs ddp alignprop LoRA max abs diff: {diff:.2e}")
+    assert diff <= 1e-5 and any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k)
