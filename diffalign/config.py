@@ -31,6 +31,7 @@ import yaml
 
 from diffalign.combine import CombineOptions, check_options
 from diffalign.errors import DiffalignError
+from diffalign.fsdp import FSDPSettings
 from diffalign.methods.registry import (
     get_method,
     load_plugins,
@@ -98,6 +99,7 @@ class TrainConfig:
     warmup_steps: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
+    fsdp: FSDPSettings = field(default_factory=FSDPSettings)  # shard the frozen base over processes (FSDP2)
 
     def __post_init__(self) -> None:
         if self.method not in method_names():

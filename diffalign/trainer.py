@@ -11,7 +11,8 @@ and exact resume. Only the main process writes files.
 Gradients are averaged across processes by one all-reduce of the flattened LoRA gradients before
 clipping (not by wrapping the UNet in DDP: reward backprop calls the UNet many times per backward,
 which DDP's reducer does not allow). Gradient accumulation is explicit: one training step runs all
-its micro-batches, then updates.
+its micro-batches, then updates. With ``train.fsdp.enabled`` the frozen backbone is sharded over the
+processes by FSDP2 (:mod:`diffalign.fsdp`) while the LoRA stays replicated, so all of the above holds as is.
 
 Resume is exact on CPU: a resumed run writes the same ``metrics.jsonl`` and ``eval.jsonl`` as an
 uninterrupted one, except for the wall-clock values, which live under the ``time`` key of each record.
@@ -80,6 +81,44 @@ def process_seeds(seed: int, process_index: int) -> tuple[int, int]:
 def method_init_seed(seed: int) -> int:
     """The seed of the global torch RNG while a method builds its modules (the same on every process)."""
     return int(np.random.SeedSequence([seed, 0x6D6F64756C6573]).generate_state(1)[0])
+
+
+def check_distributed_type(name: str) -> None:
+    """Refuse, in one line, an accelerate launch whose distributed type diffalign does not train with
+    (``accelerate launch --use_fsdp`` / DeepSpeed / Megatron-LM): LoRA trains data-parallel, and the frozen
+    base is sharded by ``train.fsdp`` under a ``--multi_gpu`` launch instead."""
+    if name == "FSDP":
+        raise DiffalignError(
+            "accelerate launch --use_fsdp is not how diffalign shards: launch with --multi_gpu and set "
+            "train.fsdp.enabled=true (the frozen base is sharded with FSDP2, the LoRA stays data-parallel)"
+        )
+    if name in ("DEEPSPEED", "MEGATRON_LM"):
+        raise DiffalignError(
+            f"diffalign trains LoRA adapters with data parallelism, not {name}: launch with accelerate launch "
+            "--multi_gpu (add train.fsdp.enabled=true to shard the frozen base)"
+        )
+
+
+def check_fsdp_launch(num_processes: int, eval_prompts: int | None = None) -> None:
+    """Refuse, in one line, ``train.fsdp.enabled`` where it cannot run: FSDP2 missing from the installed torch or
+    accelerate, a single process, or evaluation prompts that do not split evenly over the processes (every
+    process must call the sharded backbone equally often)."""
+    from diffalign.fsdp import fsdp_unavailable_reason
+
+    reason = fsdp_unavailable_reason()
+    if reason is not None:
+        raise DiffalignError(f"train.fsdp.enabled=true but {reason}; set train.fsdp.enabled=false")
+    if num_processes < 2:
+        raise DiffalignError(
+            "train.fsdp.enabled=true shards the base over processes, but this is one process: launch with "
+            "accelerate launch --multi_gpu --num_processes N (N >= 2), or set train.fsdp.enabled=false"
+        )
+    if eval_prompts is not None and eval_prompts % num_processes:
+        raise DiffalignError(
+            f"train.fsdp.enabled=true needs a number of evaluation prompts divisible by the {num_processes} "
+            f"processes (each process must call the sharded model equally often), got {eval_prompts}: set "
+            "eval.num_prompts"
+        )
 
 
 def average_gradients(acc: Any, params: list[torch.nn.Parameter]) -> None:
@@ -386,16 +425,15 @@ class Trainer:
 
         from diffalign.evaluation import Evaluator
         from diffalign.methods.registry import check_method_sampler
-        from diffalign.pipelines import add_lora, load_pipeline, pipeline_sampler_kind
+        from diffalign.pipelines import add_lora, backbone, load_pipeline, pipeline_sampler_kind
         from reward_models import RewardSpec, get_reward
 
         cfg = self.cfg
         self.acc = acc = self._accelerator()
-        if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            raise DiffalignError(
-                f"diffalign trains LoRA adapters with data parallelism only, not {acc.distributed_type.value}: "
-                "launch with accelerate launch --multi_gpu (the frozen base is replicated, LoRA gradients all-reduced)"
-            )
+        check_distributed_type(acc.distributed_type.value)
+        fsdp = cfg.train.fsdp
+        if fsdp.enabled:
+            check_fsdp_launch(acc.num_processes)
         self.method = build_method(cfg)  # before any seeding: a method's constructor cannot shift the LoRA init
         self.data = self._dataset()  # a dataset method's records, read and checked before any model loads
         seed = cfg.train.seed
@@ -407,6 +445,11 @@ class Trainer:
         self.pipe = load_pipeline(cfg.model.pretrained, dtype=dtype, device=acc.device, attention=cfg.model.attention)
         self.pipe.set_progress_bar_config(disable=True)
         self.params = add_lora(self.pipe, cfg.model.lora)
+        self.fsdp_report: dict[str, Any] | None = None
+        if fsdp.enabled:  # shard the frozen base; the LoRA stays replicated (diffalign/fsdp.py)
+            from diffalign.fsdp import shard_backbone
+
+            self.fsdp_report = shard_backbone(acc, backbone(self.pipe), fsdp)
         t = cfg.train
         optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
@@ -431,10 +474,14 @@ class Trainer:
             zip(reward_keys(held, "eval.rewards"), (get_reward(s, device=acc.device) for s in held), strict=True)
         )
         s_gen, s_rng = process_seeds(seed, acc.process_index)
+        if fsdp.enabled:  # control flow drawn alike on every process: each calls the sharded backbone as often
+            s_rng = process_seeds(seed, 0)[1]
         self.generator = torch.Generator().manual_seed(s_gen)
         self.rng = random.Random(s_rng)
         self.sampler = PromptSampler(load_prompts(cfg.prompts.train, "prompts.train"), seed)
         ev_prompts = eval_prompts(load_prompts(cfg.prompts.eval, "prompts.eval"), cfg.eval.num_prompts)
+        if fsdp.enabled:
+            check_fsdp_launch(acc.num_processes, len(ev_prompts))
         gold = cfg.eval.gold == "on" or (cfg.eval.gold == "auto" and non_shapes_prompt(ev_prompts) is None)
         self.evaluator = Evaluator(cfg.eval, cfg.sample, ev_prompts, heldout, gold)
         self.ctx = Rollout(self)
@@ -803,11 +850,27 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         main = acc.is_main_process
         start = self._start()
+        extra: dict[str, Any] = {}
+        if self.fsdp_report is not None:  # every process's share of the sharded base, recorded by the main one
+            from accelerate.utils import gather_object
+
+            from diffalign.pipelines import backbone_name
+
+            extra["fsdp"] = gather_object([self.fsdp_report | {"rank": acc.process_index}])
+            if main:
+                r = extra["fsdp"]
+                print(
+                    f"diffalign train: FSDP2 sharded the frozen {backbone_name(self.pipe)} into "
+                    f"{r[0]['units']} units over {len(r)} processes: {r[0]['sharded_numel']} parameters, "
+                    f"held per process {[x['local_numel'] for x in r]}; LoRA replicated ({r[0]['replicated_numel']})"
+                )
         if main:
             with self._writing(str(self.out / "config.yaml")):
                 cfg.save_yaml(self.out / "config.yaml")
                 write_eval_prompts(self.out / EVAL_PROMPTS, self.evaluator.prompts, list(cfg.eval.seeds))
-                append_run_info(self.out, num_processes=acc.num_processes, device=acc.device, resumed_from_step=start)
+                append_run_info(
+                    self.out, num_processes=acc.num_processes, device=acc.device, resumed_from_step=start, **extra
+                )
         if start == 0:
             self._calibrate()
             self._evaluate(0)

@@ -187,13 +187,13 @@ def resume_latest(cfg: Path, step: int) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def launch_two_processes(cfg: Path) -> subprocess.CompletedProcess[str]:
-    """``accelerate launch --multi_gpu --num_processes 2`` of ``diffalign train --config cfg`` on CPU (two gloo
-    processes; ``--cpu`` would start one), in :func:`subprocess_env`, output captured."""
+def launch_two_processes(cfg: Path, *extra: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """``accelerate launch --multi_gpu --num_processes 2`` of ``diffalign train --config cfg [extra...]`` on CPU
+    (two gloo processes; ``--cpu`` would start one), in :func:`subprocess_env`, output captured."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd = [*launch, "-m", "diffalign", "train", "--config", str(cfg)]
-    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True)
+    cmd = [*launch, "-m", "diffalign", "train", "--config", str(cfg), *extra]
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------- comparing runs
