@@ -8,6 +8,12 @@ transformer, rectified flow), sampled with its ``FlowMatchEulerDiscreteScheduler
 or the transformer). Base weights are frozen; only LoRA parameters train. LoRA files are written in
 diffusers' format (``pytorch_lora_weights.safetensors`` with the adapter config as metadata), so a
 plain ``pipe.load_lora_weights(dir)`` reproduces our outputs, alpha != rank included.
+
+A local pipeline directory may hold ``diffalign.json`` (:data:`SETTINGS_FILE`), settings that diffusers'
+``model_index.json`` has no place for; :func:`load_pipeline` reads it. Today one key:
+``max_sequence_length``, the length of SD3's T5 part of the prompt sequence (diffusers' default 256; a
+pipeline without T5 pads that many zero tokens, so the tiny shapes flow model is trained with 0, i.e.
+CLIP tokens only). :func:`encode_prompts` and :func:`draw_images` use it (:func:`sequence_length`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ SAMPLER_KINDS = {"sd": "ddim", "sdxl": "ddim", "sd3": "flow"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 DTYPES |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+SETTINGS_FILE = "diffalign.json"  # per-pipeline settings diffusers has no place for (module docstring)
+DEFAULT_MAX_SEQUENCE_LENGTH = 256  # diffusers' StableDiffusion3Pipeline default (T5 tokens)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -164,6 +172,7 @@ def load_pipeline(
     kwargs |= {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1] is None}
     # diffusers renamed from_pretrained's torch_dtype to dtype (torch_dtype warns, and goes in 1.0)
     kwargs[_dtype_kwarg()] = dtype
+    settings = read_settings(local) if local is not None else {}  # checked before the weights load
     try:
         pipe = cls.from_pretrained(source, **kwargs)
     except DiffalignError:
@@ -179,6 +188,8 @@ def load_pipeline(
             f"{model}: its scheduler uses resolution-dependent shifting (use_dynamic_shifting), which diffalign's "
             "flow sampler does not support yet; use an SD3 / SD3.5 pipeline with a fixed shift"
         )
+    if family == "sd3":
+        set_sequence_length(pipe, settings.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
     pipe.to(device)
     modules = (backbone(pipe), pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     for module in modules + (getattr(pipe, "text_encoder_3", None),):
@@ -195,6 +206,43 @@ def load_pipeline(
     elif attention != "sdpa":
         raise DiffalignError(f"unknown attention backend {attention!r}; use sdpa or xformers")
     return pipe
+
+
+def read_settings(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checked :data:`SETTINGS_FILE` of a pipeline directory (``{}`` when it has none).
+
+    Known keys: ``max_sequence_length`` (int in [0, 512]). A file that is not a JSON object, an unknown
+    key or a bad value is a one-line :class:`DiffalignError`.
+    """
+    path = Path(directory) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DiffalignError(f"{path} is not readable JSON ({type(exc).__name__}); fix or delete it") from None
+    if not isinstance(settings, dict):
+        raise DiffalignError(f"{path} must hold a JSON object such as {{\"max_sequence_length\": 0}}")
+    unknown = sorted(set(settings) - {"max_sequence_length"})
+    if unknown:
+        raise DiffalignError(f"{path}: unknown setting {unknown[0]!r}; known: max_sequence_length")
+    n = settings.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 512:
+        raise DiffalignError(f"{path}: max_sequence_length must be an integer in [0, 512], got {n!r}")
+    return settings
+
+
+def set_sequence_length(pipe, n: int) -> None:
+    """Make :func:`encode_prompts` and :func:`draw_images` give SD3's T5 part ``n`` tokens (0: CLIP tokens only)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 512:
+        raise DiffalignError(f"max_sequence_length must be an integer in [0, 512], got {n!r}")
+    pipe.diffalign_max_sequence_length = n
+
+
+def sequence_length(pipe) -> int:
+    """The T5 sequence length SD3 prompts are encoded with: the pipeline's ``diffalign.json`` setting
+    (:func:`set_sequence_length`), else diffusers' default 256."""
+    return int(getattr(pipe, "diffalign_max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
 
 
 def family_of(pipe) -> str:
@@ -257,7 +305,7 @@ def encode_prompts(pipe, prompts: list[str], negative_prompt: str | None = None,
     """Encode prompts exactly as the diffusers pipeline does (so sampling matches ``pipe(...)``).
 
     SD3: the joint sequence of both CLIPs' penultimate states (concatenated, zero-padded to the T5 width)
-    and T5's states (zeros when the pipeline has no ``text_encoder_3``), plus the pooled CLIP projections
+    and T5's states (:func:`sequence_length` tokens, zeros when the pipeline has no ``text_encoder_3``), plus the pooled CLIP projections
     as ``added_cond["pooled_projections"]``; the unconditional half encodes the negative prompt ("" by default).
     """
     if not prompts or any(not isinstance(p, str) for p in prompts):
@@ -277,6 +325,7 @@ def encode_prompts(pipe, prompts: list[str], negative_prompt: str | None = None,
             num_images_per_prompt=1,
             do_classifier_free_guidance=guidance,
             negative_prompt=neg,
+            max_sequence_length=sequence_length(pipe),
         )
         added_u = {"pooled_projections": neg_pooled} if guidance else None
         return Conditioning(cond, uncond if guidance else None, {"pooled_projections": pooled}, added_u)
@@ -309,7 +358,7 @@ def draw_images(
     if len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
     # the flow pipelines' own sampler is the deterministic Euler ODE; it takes no eta
-    extra = {"eta": eta} if sampler_kind(pipe) == "ddim" else {}
+    extra = {"eta": eta} if sampler_kind(pipe) == "ddim" else {"max_sequence_length": sequence_length(pipe)}
     return pipe(
         prompt=list(prompts),
         negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
