@@ -222,7 +222,7 @@ def read_settings(directory: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DiffalignError(f"{path} is not readable JSON ({type(exc).__name__}); fix or delete it") from None
     if not isinstance(settings, dict):
-        raise DiffalignError(f"{path} must hold a JSON object such as {{\"max_sequence_length\": 0}}")
+        raise DiffalignError(f'{path} must hold a JSON object such as {{"max_sequence_length": 0}}')
     unknown = sorted(set(settings) - {"max_sequence_length"})
     if unknown:
         raise DiffalignError(f"{path}: unknown setting {unknown[0]!r}; known: max_sequence_length")

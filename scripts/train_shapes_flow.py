@@ -74,7 +74,9 @@ class Arch:
         if self.head_dim < 1 or self.width < self.head_dim or self.width % self.head_dim:
             raise DiffalignError(f"--width ({self.width}) must be a positive multiple of --head-dim ({self.head_dim})")
         if self.patch not in (1, 2, 4):
-            raise DiffalignError(f"--patch must be 1, 2 or 4 (the 16x16 latents are cut into patches), got {self.patch}")
+            raise DiffalignError(
+                f"--patch must be 1, 2 or 4 (the 16x16 latents are cut into patches), got {self.patch}"
+            )
         if not self.shift > 0:
             raise DiffalignError(f"--shift must be > 0, got {self.shift}")
 
@@ -142,7 +144,9 @@ def build_trainable(arch: Arch, base: Path, seed: int) -> tuple[torch.nn.ModuleD
     torch.manual_seed(seed)
     te1, te2 = make_text_encoders(text)
     transformer = make_transformer(arch, text.config.hidden_size, text.config.projection_dim)
-    trainable = torch.nn.ModuleDict({"transformer": transformer, "proj1": te1.text_projection, "proj2": te2.text_projection})
+    trainable = torch.nn.ModuleDict(
+        {"transformer": transformer, "proj1": te1.text_projection, "proj2": te2.text_projection}
+    )
     return trainable, te1, te2
 
 
@@ -199,7 +203,10 @@ def build_data(work: Path, base: Path, n: int) -> None:
         "scaling_factor": scale,
     }
     atomic_save(data, path)
-    log(work, f"data: {n} latents ({time.time() - t0:.0f} s), {len(captions) - 1} captions, shift {shift:.4f} scale {scale:.4f}")
+    log(
+        work,
+        f"data: {n} latents ({time.time() - t0:.0f} s), {len(captions) - 1} captions, shift {shift:.4f} scale {scale:.4f}",
+    )
 
 
 # ---------------------------------------------------------------- stage 2: transformer
@@ -285,7 +292,9 @@ def build_pipeline(work: Path, base: Path, arch: Arch, ema_file: Path | None = N
     data = torch.load(work / "data.pt", weights_only=False)
     state = torch.load(source, weights_only=False)
     if state["arch"] != asdict(arch):
-        raise DiffalignError(f"{source} holds {state['arch']}, not {asdict(arch)}: pass the options it was trained with")
+        raise DiffalignError(
+            f"{source} holds {state['arch']}, not {asdict(arch)}: pass the options it was trained with"
+        )
     trainable, te1, te2 = build_trainable(arch, base, seed=0)
     trainable.load_state_dict(state["ema"])  # the projection heads are te1's / te2's own modules
     vae, tokenizer, _ = load_base(base)
@@ -341,7 +350,12 @@ def evaluate(work: Path, model: Path, n: int, steps: int, cfg: float, seed: int,
     images = torch.cat(
         [
             draw_images(
-                pipe, prompts[i : i + batch], [seed + j for j in range(i, min(i + batch, n))], steps=steps, guidance=cfg, eta=0.0
+                pipe,
+                prompts[i : i + batch],
+                [seed + j for j in range(i, min(i + batch, n))],
+                steps=steps,
+                guidance=cfg,
+                eta=0.0,
             )
             for i in range(0, n, batch)
         ]
@@ -368,7 +382,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warmup steps")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (ramped up from 0.1 over the first steps)")
     p.add_argument("--uncond", type=float, default=0.1, help="caption dropout probability (for guidance)")
-    p.add_argument("--weighting", choices=("logit_normal", "uniform"), default="logit_normal", help="how sigma is drawn")
+    p.add_argument(
+        "--weighting", choices=("logit_normal", "uniform"), default="logit_normal", help="how sigma is drawn"
+    )
     p.add_argument("--layers", type=int, default=Arch.layers, help="MMDiT blocks")
     p.add_argument("--width", type=int, default=Arch.width, help="MMDiT width (heads x head dim)")
     p.add_argument("--head-dim", type=int, default=Arch.head_dim)
