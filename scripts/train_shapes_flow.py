@@ -277,8 +277,8 @@ def train(work: Path, base: Path, arch: Arch, args: argparse.Namespace) -> None:
                 "arch": asdict(arch),
             }
             atomic_save(state, ckpt)
-            if step % 1000 == 0:
-                atomic_save({"ema": ema.state_dict(), "step": step, "arch": asdict(arch)}, work / f"ema_{step:06d}.pt")
+        if step % 1000 == 0:  # kept for --export-from
+            atomic_save({"ema": ema.state_dict(), "step": step, "arch": asdict(arch)}, work / f"ema_{step:06d}.pt")
 
 
 # ---------------------------------------------------------------- stage 3: export
