@@ -5,10 +5,13 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 # The newest releases of every direct dependency, past pyproject's upper bounds (make test-latest).
 LATEST_VENV ?= .venv-latest
+# TRL 0.11.4 and its library versions, the baseline of benchmarks/bench_trl.py (make venv-trl).
+TRL_VENV ?= .venv-trl
+TRL_REQS := benchmarks/trl-requirements.txt
 DIRECT_DEPS := torch torchvision diffusers peft accelerate transformers open-clip-torch safetensors numpy pillow \
 	scipy pyyaml tqdm matplotlib pytest ruff tensorboard
 
-.PHONY: venv test lint format demo lock test-latest browser
+.PHONY: venv venv-trl test lint format demo lock test-latest browser
 
 # Installs exactly the tested versions: requirements.lock is a pip constraints file (make lock rewrites it).
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -19,6 +22,19 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The TRL side of benchmarks/bench_trl.py: a separate venv (torch from requirements.lock as in make venv, then
+# the pins of benchmarks/trl-requirements.txt; pip resolves the rest). Its versions: $(TRL_VENV)/versions.txt.
+$(TRL_VENV)/.installed: $(TRL_REQS) $(LOCK)
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRL_VENV)/bin/python -m pip install -q -c $(LOCK) torch
+	$(TRL_VENV)/bin/python -m pip install -q -r $(TRL_REQS)
+	$(TRL_VENV)/bin/python -m pip check
+	$(TRL_VENV)/bin/python -m pip freeze > $(TRL_VENV)/versions.txt
+	touch $@
+
+venv-trl: $(TRL_VENV)/.installed
 
 lint: venv
 	$(VENV)/bin/ruff check .
