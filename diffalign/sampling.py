@@ -73,6 +73,31 @@ def _randn(shape: torch.Size, generator: Generator, like: torch.Tensor) -> torch
     return randn_tensor(shape, generator=gen, device=like.device, dtype=like.dtype)
 
 
+def _draw_and_score(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    stochastic: bool,
+    prev_sample: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    generator: Generator,
+    like: torch.Tensor,
+    out_dtype: torch.dtype,
+    reduction: Literal["mean", "sum"],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's sample (``prev_sample`` if given, else ``mean + std z`` when ``stochastic``, else ``mean``;
+    rounded through ``out_dtype`` so that rescoring a half-precision rollout gives the same log-prob) and the
+    Gaussian log-density of its detached value (spec §1.2 item 6: only ``mean`` carries gradient); z is
+    ``noise`` or drawn from ``generator`` with the shape, device and dtype of ``like``."""
+    if prev_sample is None:
+        if stochastic:
+            z = noise if noise is not None else _randn(like.shape, generator, like).float()
+            prev_sample = mean + std * z
+        else:
+            prev_sample = mean
+        prev_sample = prev_sample.to(out_dtype).to(mean.dtype)  # no-op in float32
+    return prev_sample, gaussian_log_prob(prev_sample.detach(), mean, std, reduction)
+
+
 def predict_x0_eps(
     prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,16 +171,10 @@ def ddim_step(
     std = eta * variance.clamp(min=0).sqrt()
     # 5. mean mu = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps   (DDIM Eq. 12)
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
-    # 6. draw x_{t-1} unless given
-    if prev_sample is None:
-        if eta > 0:
-            z = noise if noise is not None else _randn(model_output.shape, generator, model_output_in).float()
-            prev_sample = mean + std * z
-        else:
-            prev_sample = mean
-        prev_sample = prev_sample.to(out_dtype).to(mean.dtype)  # no-op in float32
-    # 7. Gaussian log-density of sg(x_{t-1}); only mean carries gradient (spec §1.2 item 6)
-    log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, logprob_reduction)
+    # 6. draw x_{t-1} unless given; 7. Gaussian log-density of sg(x_{t-1}) (spec §1.2 item 6)
+    prev_sample, log_prob = _draw_and_score(
+        mean, std, eta > 0, prev_sample, noise, generator, model_output_in, out_dtype, logprob_reduction
+    )
     return StepOutput(prev_sample.to(out_dtype), log_prob, mean, std, x0)
 
 
@@ -454,15 +473,10 @@ def flow_sde_step(
     mean = sample * (1 + g**2 / (2 * sigma) * dt) + model_output * (1 + g**2 * (1 - sigma) / (2 * sigma)) * dt
     # 3. std and the sample
     std = g * torch.sqrt(-dt)
-    if prev_sample is None:
-        if noise_level > 0:
-            z = noise if noise is not None else _randn(model_output.shape, generator, model_output_in).float()
-            prev_sample = mean + std * z
-        else:
-            prev_sample = mean
-        prev_sample = prev_sample.to(out_dtype).to(mean.dtype)  # no-op in float32
-    # 4. log-density of sg(x'); gradient only through mean
-    log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, logprob_reduction)
+    # 4. the sample unless given, and the log-density of sg(x'); gradient only through mean
+    prev_sample, log_prob = _draw_and_score(
+        mean, std, noise_level > 0, prev_sample, noise, generator, model_output_in, out_dtype, logprob_reduction
+    )
     # 5. predicted x0
     x0 = sample - sigma * model_output
     return StepOutput(prev_sample.to(out_dtype), log_prob, mean, std, x0, dt=dt)
