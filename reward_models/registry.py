@@ -59,6 +59,7 @@ _BUILTIN_MODULES = (
     "reward_models.imagereward",
     "reward_models.jpeg",
     "reward_models.saturation",
+    "reward_models.flawed",
     "reward_models.dino",
     "reward_models.shapes_gold",
     "reward_models.adversarial",

@@ -253,14 +253,17 @@ class Run:
         }
 
 
-def load_run(path: Path, variant: str, seed: int, terms: list[tuple[str, float]], smooth: int) -> Run | None:
-    """Read a run directory (``None`` when it has no gold evaluation yet)."""
+def load_run(
+    path: Path, variant: str, seed: int, terms: list[tuple[str, float]], smooth: int, proxy_file: str = "metrics"
+) -> Run | None:
+    """Read a run directory (``None`` when it has no gold evaluation yet); the proxy terms come from
+    ``metrics.jsonl`` (training batches, ``proxy_file="metrics"``) or ``eval.jsonl`` (held-out images)."""
     evals = read_jsonl(path / "eval.jsonl")
     gold = sorted((int(e["step"]), float(e[GOLD])) for e in evals if isinstance(e.get(GOLD), (int, float)))
     if not gold:
         return None
     proxy = []
-    for m in read_jsonl(path / "metrics.jsonl"):
+    for m in evals if proxy_file == "eval" else read_jsonl(path / "metrics.jsonl"):
         if all(isinstance(m.get(k), (int, float)) for k, _ in terms):
             proxy.append((int(m["step"]), sum(w * float(m[k]) for k, w in terms)))
     proxy.sort()
@@ -311,7 +314,7 @@ def plot(runs: dict[str, list[Run]], labels: dict[str, str], proxy_label: str, p
     if starts:
         axes[0].axhline(sum(starts) / len(starts), color="0.4", linestyle="--", linewidth=1, label="base (step 0)")
     axes[0].set_title("held-out gold accuracy (eval.jsonl gold/accuracy)", fontsize=9)
-    axes[1].set_title(f"training proxy reward (metrics.jsonl: {proxy_label})", fontsize=9)
+    axes[1].set_title(f"proxy reward ({proxy_label})", fontsize=9)
     for ax in axes:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
@@ -379,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics.jsonl key and weight of the plotted proxy (repeat; default reward/shapes_clip=1, "
         "reward/saturation=W; 'reward' is the combined training reward)",
     )
+    p.add_argument(
+        "--proxy-file",
+        choices=("metrics", "eval"),
+        default="metrics",
+        help="read the proxy terms from metrics.jsonl (training batches, default) or eval.jsonl (held-out images, "
+        "e.g. heldout/NAME of eval.rewards, the same key in every variant)",
+    )
     p.add_argument("--smooth", type=int, default=5, help="trailing mean over this many steps of the proxy (default 5)")
     p.add_argument("--png", type=Path, default=Path(DEFAULT_PNG), help="the figure (default: %(default)s)")
     p.add_argument("--title", default="Reward hacking on the shapes world: GRPO vs Adv-GRPO on a hackable proxy")
@@ -435,7 +445,7 @@ def _main(args: argparse.Namespace) -> int:
     runs: dict[str, list[Run]] = {}
     for v in variants:
         for seed in args.seeds:
-            loaded = load_run(out / v.run_name(seed), v.name, seed, terms, args.smooth)
+            loaded = load_run(out / v.run_name(seed), v.name, seed, terms, args.smooth, args.proxy_file)
             if loaded is None:
                 print(f"hacking_study: {out / v.run_name(seed)} has no gold evaluation; left out")
                 continue
@@ -445,7 +455,8 @@ def _main(args: argparse.Namespace) -> int:
     proxy_label = " + ".join(
         f"{w:g} x {k.removeprefix('reward/')}" if w != 1 else k.removeprefix("reward/") for k, w in terms
     )
-    plot(runs, {v.name: v.label or v.name for v in variants}, proxy_label, args.png, args.title)
+    source = "eval.jsonl, held-out" if args.proxy_file == "eval" else "metrics.jsonl"
+    plot(runs, {v.name: v.label or v.name for v in variants}, f"{source}: {proxy_label}", args.png, args.title)
     print(table(runs))
     print(f"hacking_study: wrote {args.png}")
     return 1 if failed else 0

@@ -1,0 +1,237 @@
+"""Pareto study (issue 17): Parrot's non-dominated selection vs the weighted sum of two conflicting rewards.
+
+    python scripts/pareto_study.py                 # train 2 variants x seeds 0 1 2, draw held-out images, plot
+    python scripts/pareto_study.py --dry-run       # the diffalign train commands
+    python scripts/pareto_study.py --plot-only     # re-read the runs and the gallery's scores; plot
+
+Both variants are GRPO on the shapes world (configs/shapes/grpo.yaml) with the rewards
+``shapes_clip`` (the proxy: is the image what the caption says?) and ``saturation`` (mean colour
+saturation: more, larger or smeared coloured regions), weights ``[1, W]`` (``--weight``, default 6), the
+same prompts, seeds and steps (equal compute: every step samples the same 32 trajectories):
+
+- ``weighted``: ``reward.combine=weighted``: every sample's reward is ``clip + W sat``;
+- ``pareto``: ``reward.combine=pareto``: Parrot (Lee et al. 2024, Algorithm 1): only the non-dominated
+  samples of each prompt's group train (advantage 0 for the others), with the same reward.
+
+Then ``diffalign gallery`` draws every run's held-out images (30 held-out compositions x 5 seeds, the
+evaluation's draws) plus the base model's and scores them with both rewards and the gold verifier
+(OUT/gallery: scores.jsonl and a browsable page). The figure of merit is the hypervolume of the
+(shapes_clip, saturation) points of a run's 150 images: the area dominated by them above a reference
+point (the component-wise minimum over every image of every variant, base included), one number per
+run; reported per seed, as mean and range per variant, next to the base model's. The PNG
+(``--png``) shows each variant's non-dominated front (pooled over seeds) over all its points, and the
+mean rewards and gold accuracy per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hacking_study  # noqa: E402
+
+KEYS = ("shapes_clip", "saturation")
+CONFIG = "configs/shapes/grpo.yaml"
+
+
+def variants(weight: float) -> dict[str, str]:
+    """The two variants' overrides of configs/shapes/grpo.yaml."""
+    common = f"--config {CONFIG} reward.rewards=[shapes_clip,saturation] reward.weights=[1,{weight:g}]"
+    return {"weighted": f"{common} reward.combine=weighted", "pareto": f"{common} reward.combine=pareto"}
+
+
+def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-dominated points of a 2-D set (both coordinates maximized), sorted by the first one
+    descending (so the second ascends); duplicates kept once."""
+    out: list[tuple[float, float]] = []
+    best_y = -float("inf")
+    for x, y in sorted(set(points), key=lambda p: (-p[0], -p[1])):
+        if y > best_y:
+            out.append((x, y))
+            best_y = y
+    return out
+
+
+def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """Area dominated by ``points`` and dominating ``ref`` (2-D, both maximized): the union of the
+    rectangles ``[ref_x, x] x [ref_y, y]``, summed as slabs along the front."""
+    pts = [(x, y) for x, y in front(points) if x > ref[0] and y > ref[1]]
+    area, prev_y = 0.0, ref[1]
+    for x, y in pts:  # x descending, y ascending
+        area += (x - ref[0]) * (y - prev_y)
+        prev_y = y
+    return area
+
+
+def read_scores(path: Path) -> dict[str, list[dict]]:
+    """scores.jsonl of a gallery, rows grouped by variant label."""
+    rows: dict[str, list[dict]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.setdefault(row["label"], []).append(row)
+    return rows
+
+
+def summarize(rows: dict[str, list[dict]]) -> tuple[dict[str, dict[str, float]], tuple[float, float]]:
+    """Per gallery variant: hypervolume, mean rewards and gold accuracy; and the reference point."""
+    every = [(r["scores"][KEYS[0]], r["scores"][KEYS[1]]) for rs in rows.values() for r in rs]
+    ref = (min(p[0] for p in every), min(p[1] for p in every))
+    table = {}
+    for label, rs in rows.items():
+        pts = [(r["scores"][KEYS[0]], r["scores"][KEYS[1]]) for r in rs]
+        table[label] = {
+            "hypervolume": hypervolume(pts, ref),
+            KEYS[0]: sum(p[0] for p in pts) / len(pts),
+            KEYS[1]: sum(p[1] for p in pts) / len(pts),
+            "gold/accuracy": sum(r["scores"].get("gold/accuracy", 0.0) for r in rs) / len(rs),
+            "front_size": float(len(front(pts))),
+            "images": float(len(pts)),
+        }
+    return table, ref
+
+
+def plot(rows: dict[str, list[dict]], table: dict[str, dict[str, float]], png: Path, title: str) -> None:
+    """Points and pooled non-dominated fronts per variant family (base, weighted, pareto)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    colors = {"base": "0.45", "weighted": "tab:blue", "pareto": "tab:red"}
+    families: dict[str, list[tuple[float, float]]] = {}
+    for label, rs in rows.items():
+        family = label.split("-s")[0] if label.split("-s")[0] in colors else "base"
+        families.setdefault(family, []).extend((r["scores"][KEYS[0]], r["scores"][KEYS[1]]) for r in rs)
+    for family, pts in families.items():
+        c = colors[family]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, color=c, alpha=0.25)
+        f = front(pts)
+        hv = [
+            v["hypervolume"]
+            for k, v in table.items()
+            if (k.split("-s")[0] if k.split("-s")[0] in colors else "base") == family
+        ]
+        ax.step(
+            [p[0] for p in f],
+            [p[1] for p in f],
+            where="post",
+            color=c,
+            linewidth=2,
+            label=f"{family}: front of {len(pts)} images; HV per run {sum(hv) / len(hv):.4f} (mean)",
+        )
+    ax.set_xlabel(f"{KEYS[0]} (held-out)")
+    ax.set_ylabel(f"{KEYS[1]} (held-out)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def report(table: dict[str, dict[str, float]], ref: tuple[float, float]) -> str:
+    """The Markdown table per run, then mean and range of the hypervolume per variant."""
+    lines = [
+        f"reference point ({KEYS[0]}, {KEYS[1]}) = ({ref[0]:.4f}, {ref[1]:.4f})",
+        f"| run | hypervolume | front size | mean {KEYS[0]} | mean {KEYS[1]} | gold accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, t in table.items():
+        lines.append(
+            f"| {label} | {t['hypervolume']:.4f} | {t['front_size']:.0f} | {t[KEYS[0]]:.3f} | {t[KEYS[1]]:.3f} | "
+            f"{t['gold/accuracy']:.3f} |"
+        )
+    for family in ("weighted", "pareto"):
+        hv = [t["hypervolume"] for k, t in table.items() if k.startswith(family + "-s")]
+        if hv:
+            lines.append(
+                f"{family}: hypervolume mean {sum(hv) / len(hv):.4f} (range {min(hv):.4f}..{max(hv):.4f}, {len(hv)} seeds)"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/pareto"), help="runs go to OUT/<variant>-s<seed>")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=20, help="train.steps of every run (default 20)")
+    p.add_argument("--weight", type=float, default=6.0, help="W of the saturation reward (default 6)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--png", type=Path, default=Path("docs/images/pareto_fronts.png"))
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--plot-only", action="store_true", help="do not train or draw: read OUT/gallery/scores.jsonl")
+    args = p.parse_args(argv)
+    study = [
+        "--out",
+        str(args.out),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--jobs",
+        str(args.jobs),
+        "--seeds",
+        *map(str, args.seeds),
+        "--proxy-term",
+        "reward/shapes_clip=1",
+        "--proxy-term",
+        f"reward/saturation={args.weight:g}",
+        "--png",
+        str(args.png.with_name(args.png.stem + "_training.png")),
+        "--title",
+        "Parrot (pareto) vs weighted sum: GRPO on shapes_clip + W x saturation",
+        *[f"--variant={k}={v}" for k, v in variants(args.weight).items()],
+    ]
+    study += ["--dry-run"] if args.dry_run else (["--plot-only"] if args.plot_only else [])
+    try:
+        rc = hacking_study._main(hacking_study.build_parser().parse_args(study))
+    except hacking_study.StudyError as err:
+        print(f"pareto_study: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return rc
+    gallery = args.out / "gallery"
+    if not (gallery / "scores.jsonl").is_file():
+        if args.plot_only:
+            print(f"pareto_study: {gallery / 'scores.jsonl'} is missing; run without --plot-only", file=sys.stderr)
+            return 2
+        runs = [f"--run={v}-s{s}={args.out / f'{v}-s{s}'}" for v in variants(args.weight) for s in args.seeds]
+        cmd = [sys.executable, "-m", "diffalign", "gallery", *runs, "--prompts", "shapes:heldout"]
+        cmd += [
+            "--num-prompts",
+            "30",
+            "--seeds",
+            "0-4",
+            "--reward",
+            KEYS[0],
+            "--reward",
+            KEYS[1],
+            "--out",
+            str(gallery),
+        ]
+        print("pareto_study: " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    rows = read_scores(gallery / "scores.jsonl")
+    table, ref = summarize(rows)
+    plot(
+        rows,
+        table,
+        args.png,
+        f"Held-out fronts (shapes_clip, saturation): Parrot vs weighted sum, {args.steps} GRPO steps",
+    )
+    print(report(table, ref))
+    print(f"pareto_study: wrote {args.png}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
