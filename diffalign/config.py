@@ -132,6 +132,9 @@ class RewardConfig:
     def __post_init__(self) -> None:
         if not self.rewards:
             raise DiffalignError("reward.rewards is empty; name at least one reward, e.g. reward.rewards=[shapes_clip]")
+        from reward_models.registry import expand_members
+
+        self.rewards = expand_members(self.rewards)  # key=A|B: one member per alternative (ensembles)
         check_options(self.combine, self.combine_options)  # unknown name or an option it does not read: one line
 
 
@@ -469,7 +472,9 @@ def resolve_config_paths(
     for section, key in (("reward", "rewards"), ("eval", "rewards")):
         node = out.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), list) and f"{section}.{key}" not in skip:
-            node[key] = [_resolve_spec(s, base) if isinstance(s, str) else s for s in node[key]]
+            from reward_models.registry import expand_members
+
+            node[key] = [_resolve_spec(s, base) if isinstance(s, str) else s for s in expand_members(node[key])]
     return out
 
 

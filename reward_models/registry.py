@@ -176,6 +176,34 @@ class RewardSpec:
         return self.name + (":" + ",".join(items) if items else "")
 
 
+def expand_members(specs: Iterable[str]) -> list[str]:
+    """Specs with one spec per ensemble member: an option written ``key=A|B|C`` (e.g. several checkpoints,
+    ``shapes_clip:model=local-dir:m1|local-dir:m2``) becomes one spec per alternative, in order, the other
+    options shared. Specs without ``|`` pass unchanged. Two options with alternatives, or an empty
+    alternative, are a one-line :class:`DiffalignError`."""
+    out: list[str] = []
+    for text in specs:
+        if not isinstance(text, str) or "|" not in text:
+            out.append(text)
+            continue
+        spec = RewardSpec.parse(text)
+        keys = [k for k, v in spec.raw.items() if "|" in v]
+        if len(keys) != 1:
+            raise DiffalignError(
+                f"reward spec {text!r}: list alternatives (ensemble members) in one option only, "
+                f"e.g. model=local-dir:A|local-dir:B; got them in {keys or 'the reward name'}"
+            )
+        alternatives = [a.strip() for a in spec.raw[keys[0]].split("|")]
+        if any(not a for a in alternatives):
+            raise DiffalignError(f"reward spec {text!r}: option {keys[0]} has an empty alternative between '|'")
+        for alt in alternatives:
+            member = RewardSpec.parse(text)
+            member.raw[keys[0]] = alt
+            member.options[keys[0]] = parse_value(alt)
+            out.append(str(member))
+    return out
+
+
 def _unknown_name(name: str) -> DiffalignError:
     names = list_rewards()
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)

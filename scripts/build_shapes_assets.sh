@@ -9,3 +9,9 @@ $PY scripts/train_shapes_sd.py --work runs/shapes-sd --vae-steps 1200 --unet-ste
     --export assets/shapes-sd
 $PY scripts/train_shapes_clip.py --work runs/shapes-clip --steps "${CLIP_STEPS:-1000}" --finetune-3obj 300 --threads "${THREADS:-2}" --export assets/shapes-clip
 $PY scripts/eval_shapes_assets.py --model assets/shapes-sd --clip assets/shapes-clip --n 128 --grid docs/images/shapes_data_vs_base.png
+# The ensemble of small shapes CLIPs (issue 17: reward.combine wco / uwo, scripts/overoptimization.py):
+# four members, each its own seed and its own 60 % of the scenes, sharing one pre-rendered pool.
+for s in 1 2 3 4; do
+    $PY scripts/train_shapes_clip.py --work runs/shapes-ensemble/m$s --size small --seed $s --subset 0.6 --steps 1000 \
+        --finetune-3obj 300 --threads "${THREADS:-2}" --pool-path runs/shapes-ensemble/pool.pt --export assets/shapes-ensemble/m$s
+done

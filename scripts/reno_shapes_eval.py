@@ -49,8 +49,15 @@ def evaluate(args: argparse.Namespace) -> dict:
         )
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=device, scheduler="keep")
-    reward = get_reward(args.reward, device=device)
-    name = reward.name
+    from diffalign.combine import CombineOptions, reward_keys
+    from reward_models import RewardSpec
+    from reward_models.registry import expand_members
+
+    specs = [RewardSpec.parse(r) for r in expand_members(args.reward or ["shapes_clip"])]
+    rewards = [get_reward(s, device=device) for s in specs]
+    names = reward_keys(specs, "--reward")
+    name = names[0]  # the proxy reported before/after: the first reward (a single proxy, or member 1)
+    options = CombineOptions(normalize="zscore") if args.combine in ("wco", "uwo", "ensemble_mean") else None
     prompts = sample_prompts("heldout", args.n, seed=args.prompt_seed)
     rows, initial, best = [], [], []
     out = Path(args.out) if args.out else None
@@ -66,7 +73,9 @@ def evaluate(args: argparse.Namespace) -> dict:
                 reg_weight=args.reg_weight,
                 seed=seed,
             )
-            result = reno(pipe, prompt, [reward], [1.0], cfg)
+            result = reno(
+                pipe, prompt, rewards, [s.weight for s in specs], cfg, combine=args.combine, combine_options=options
+            )
             initial.append(result.initial_image)
             best.append(result.best_image)
             rows.append(
@@ -94,8 +103,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     n = len(rows)
     summary = {
         "model": args.model,
-        "reward": args.reward,
+        "reward": [str(s) for s in specs],
         "reward_name": name,
+        "combine": args.combine,
         "n_prompts": args.n,
         "seeds": args.seeds,
         "iters": args.iters,
@@ -119,7 +129,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             torch.stack(initial[:k] + best[:k]),
             out / "before_after.png",
             ncol=k,
-            title=f"ReNO on shapes_clip, the first {k} images (one per column)",
+            title=f"ReNO on {summary['combine']} of {', '.join(names)[:60]}, the first {k} images (one per column)",
             row_labels=["base sample (iteration 0)", "ReNO best"],
             captions=all_prompts[:k] * 2,
         )
@@ -139,7 +149,8 @@ def report(summary: dict) -> str:
         f"{'gold accuracy':26}{gb['accuracy']:>16.3f}{ga['accuracy']:>16.3f}",
         f"{'gold score':26}{gb['score']:>16.3f}{ga['score']:>16.3f}",
         f"{'gold count/color/shape':26}{attrs(gb):>16}{attrs(ga):>16}",
-        f"{'proxy ' + summary['reward_name']:26}{summary['proxy_before']:>16.4f}{summary['proxy_after']:>16.4f}",
+        f"optimized: {summary['combine']} of {len(summary['reward'])} reward(s); proxy reported: the first",
+        f"{'proxy ' + summary['reward_name'][:20]:26}{summary['proxy_before']:>16.4f}{summary['proxy_after']:>16.4f}",
         f"seconds per iteration: {summary['s_per_iter']:.3f}  (wall {summary['wall_s']:.0f} s)",
     ]
     return "\n".join(lines)
@@ -148,7 +159,18 @@ def report(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="assets/shapes-sd", help="shapes pipeline directory")
-    p.add_argument("--reward", default="shapes_clip", help="proxy reward spec to optimize (differentiable)")
+    p.add_argument(
+        "--reward",
+        action="append",
+        help="proxy reward spec to optimize (differentiable; repeat for several, e.g. ensemble members; default "
+        "shapes_clip); the first one is reported before/after",
+    )
+    p.add_argument(
+        "--combine",
+        default="weighted",
+        help="how several rewards combine (reward.combine: weighted, wco, uwo, ...; ensembles are z-scored on "
+        "32 images of fresh noises per prompt, UWO lambda 0.5, the ReNO default)",
+    )
     p.add_argument("--n", type=int, default=64, help="held-out prompts")
     p.add_argument("--seeds", type=int, default=1, help="noise seeds per prompt")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the held-out prompt draw")

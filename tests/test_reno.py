@@ -479,3 +479,23 @@ def test_shapes_eval_script_runs(sd_dir: Path, clip_dir: Path, tmp_path: Path, c
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["proxy_after"] >= summary["proxy_before"] and 0 <= summary["gold_after"]["accuracy"] <= 1
     assert len((tmp_path / "eval" / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_shapes_eval_script_ensemble(
+    sd_dir: Path, clip_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Several --reward members with --combine uwo: z-scored per prompt, the first member reported."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "reno_shapes_eval.py"
+    spec = importlib.util.spec_from_file_location("reno_shapes_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    members = [f"shapes_clip:model=local-dir:{clip_dir}", f"shapes_clip:model=local-dir:{clip_dir},scale=2.0"]
+    argv = ["--model", str(sd_dir), "--reward", members[0], "--reward", members[1], "--combine", "uwo"]
+    assert module.main([*argv, "--n", "1", "--iters", "2", "--steps", "2", "--out", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out
+    assert "optimized: uwo of 2 reward(s)" in printed
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["combine"] == "uwo" and summary["reward_name"] == members[0]
+    assert summary["reward"] == members

@@ -39,6 +39,30 @@ def test_assets_fit_the_budget():
     assert total <= 40 * 2**20
 
 
+def test_ensemble_members_load_differ_and_fit_their_budget():
+    """assets/shapes-ensemble: 4 small CLIPs (<= 10 MB together), each loadable by the shapes_clip path
+    (one spec with alternatives), each preferring the right caption, and not all the same model."""
+    from diffalign.shapes import parse_caption
+    from diffalign.shapes.data import render_batch
+    from reward_models import get_reward
+    from reward_models.registry import expand_members
+
+    ens = ROOT / "assets" / "shapes-ensemble"
+    members = sorted(p for p in ens.iterdir() if p.is_dir())
+    assert [p.name for p in members] == ["m1", "m2", "m3", "m4"]
+    assert sum(f.stat().st_size for f in ens.rglob("*") if f.is_file()) <= 10 * 2**20
+    specs = expand_members(["shapes_clip:model=" + "|".join(f"local-dir:{p}" for p in members)])
+    captions = ["two red circles", "a blue square", "a green triangle and a yellow circle"]
+    images = render_batch([parse_caption(c) for c in captions], seed=0)
+    scores = []
+    for spec in specs:
+        reward = get_reward(spec)
+        right = reward(images, captions)
+        assert (right > reward(images, captions[1:] + captions[:1])).all(), spec
+        scores.append(right)
+    assert len({tuple(round(float(v), 4) for v in s) for s in scores}) == len(members)
+
+
 def test_proxy_clip_prefers_the_right_caption_and_has_gradients():
     from diffalign.shapes import parse_caption
     from diffalign.shapes.data import render_batch

@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from diffalign.cli import read_prompts
     from diffalign.pipelines import load_pipeline, lora_rank
     from reward_models import RewardSpec
+    from reward_models.registry import expand_members
 
     prompts = read_prompts(args.prompt, args.prompts)
     out = Path(args.out)
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         strip_every=args.strip_every,
         checkpoint=not args.no_checkpoint,
     )
-    specs = [RewardSpec.parse(s) for s in args.reward]
+    specs = [RewardSpec.parse(s) for s in expand_members(args.reward)]
     check_differentiable(specs)  # before loading anything
     combine_options = section_from_pairs(CombineOptions, args.combine_option or [], "combine_options")
     positions = [f"reward{i}" for i in range(len(specs))]  # the combiner's checks need the count and the weights
