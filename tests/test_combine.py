@@ -372,3 +372,31 @@ def test_reno_cli_bad_combine_option_is_one_line(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown config key 'combine_options.lam'" in err and len(err.splitlines()) == 1
+
+
+TWO = ["train_fixtures:Brightness", "train_fixtures:Greenness"]
+COMBINED_RUNS = {  # method -> (extra sections, reward section, the statistic its metrics must log)
+    "alignprop": ({}, {"rewards": TWO, "combine": "ctrlu", "combine_options": {"consistency": 0.1}}, "ctrlu/weight"),
+    "draft_lv": ({}, {"rewards": TWO, "combine": "pareto"}, "pareto/selected_fraction"),
+    "refl": ({}, {"rewards": TWO, "combine": "wco"}, "ensemble/std"),
+    "prdp": ({"prdp": {"group_size": 2}}, {"rewards": TWO, "combine": "pareto"}, "pareto/selected_fraction"),
+    "d3po": ({"d3po": {"train_batch_size": 1}}, {"rewards": TWO, "combine": "uwo"}, "ensemble/variance"),
+    "adv_grpo": (
+        {"adv_grpo": {"group_size": 2, "train_batch_size": 2, "backbone": "shapes_clip", "hidden": 8}},
+        {"rewards": ["adversarial", "train_fixtures:Brightness"], "combine": "pareto"},
+        "pareto/selected_fraction",
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(COMBINED_RUNS))
+def test_every_method_trains_on_a_combined_reward(tmp_path, sd_dir, method):
+    """Each method (beyond the DDPO / GRPO / DRaFT-K runs above) through `diffalign train` with a
+    non-trivial combiner: the run finishes and logs that combiner's statistic every step."""
+    extra, reward, stat = COMBINED_RUNS[method]
+    out = tmp_path / "run"
+    sections = extra | {"reward": reward, "train": {"steps": 2}, "eval": {"every": 0, "num_prompts": 1, "seeds": [0]}}
+    cfg = tiny_config(sd_dir, out, method, **sections)
+    assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
+    metrics = rows(out / "metrics.jsonl")
+    assert len(metrics) == 2 and all(stat in m for m in metrics), metrics[0].keys()
