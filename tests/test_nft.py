@@ -384,3 +384,47 @@ def test_off_grid_training_sigmas_run(tmp_path: Path, sd3_dir: Path):
         assert main(["train", "--config", str(write_config(tmp_path / "cfg.yaml", cfg))]) == 0
     (m,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(m["loss"]) and m["updates"] == 1
+
+
+def test_trains_on_a_combined_reward(tmp_path: Path, sd3_dir: Path):
+    """NFT's optimality probabilities come from the combined signal: a Pareto-selected two-reward run."""
+    out = tmp_path / "run"
+    cfg = _config(
+        sd3_dir,
+        out,
+        train={"steps": 1},
+        eval={"every": 0},
+        checkpoint={"every": 0},
+        reward={"rewards": ["train_fixtures:Brightness", "train_fixtures:Greenness"], "combine": "pareto"},
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", "--config", str(write_config(tmp_path / "cfg.yaml", cfg))]) == 0
+    (m,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(m["loss"]) and 0 < m["pareto/selected_fraction"] <= 1
+
+
+def test_weighted_loss_zero_weight_sample_adds_nothing():
+    """weight = the combiner's per-sample weights: a weight-0 sample (outside Parrot's P) gives zero
+    gradient to its own v_theta, and the loss is the mean of w_i times the unweighted per-sample terms."""
+    x0, eps, _, sigma = _tensors(3, b=3, shape=(1, 2, 2))
+    v_old = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    v = (v_old + 0.1).requires_grad_(True)
+    r = torch.tensor([0.9, 0.2, 0.6])
+    w = torch.tensor([1.0, 0.0, 0.5])
+    loss, _ = nft_loss(v, v_old, x0, eps, sigma[:3], r, 1.0, 5.0, weight=w)
+    loss.backward()
+    assert v.grad[1].abs().sum() == 0 and v.grad[0].abs().sum() > 0 and v.grad[2].abs().sum() > 0
+    parts = [
+        nft_loss(
+            v.detach()[i : i + 1],
+            v_old[i : i + 1],
+            x0[i : i + 1],
+            eps[i : i + 1],
+            sigma[i : i + 1],
+            r[i : i + 1],
+            1.0,
+            5.0,
+        )[0]
+        for i in range(3)
+    ]  # noqa: E501
+    torch.testing.assert_close(loss.detach(), sum(wi * p for wi, p in zip(w, parts, strict=True)) / 3)

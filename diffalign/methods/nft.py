@@ -203,10 +203,13 @@ class NFT(GRPO):
         sigma = draw_train_sigmas(len(idx), self.cfg.train_t_dist, shift, ctx.generator).to(like.device)
         return sigma, sigma * 1000
 
-    def train_epochs(self, ctx: StepContext, traj: Trajectories, r: torch.Tensor, sampler: Any = None) -> NFTStats:
+    def train_epochs(
+        self, ctx: StepContext, traj: Trajectories, r: torch.Tensor, sampler: Any = None, w: torch.Tensor | None = None
+    ) -> NFTStats:
         """``inner_epochs`` passes over minibatches of ``train_batch_size`` samples (module docstring), each
         trained at J sigmas with fresh noise; one optimizer update every ``gradient_accumulation_steps``
-        minibatches. Order, sigmas and noise come from ``ctx.generator``."""
+        minibatches. Order, sigmas and noise come from ``ctx.generator``. ``w`` [N]: the combiner's
+        per-sample weights (none: all 1)."""
         cfg, accum = self.cfg, self.train.gradient_accumulation_steps
         n, tb = len(traj), cfg.train_batch_size
         x0_all = traj.latents[:, -1]
@@ -220,6 +223,7 @@ class NFT(GRPO):
                 prompts = [traj.prompts[i] for i in idx.tolist()]
                 x0 = x0_all[idx.to(x0_all.device)]
                 r_mb = r[idx.to(r.device)]
+                w_mb = None if w is None else w[idx.to(w.device)]
                 with torch.no_grad():
                     with self.old_policy():
                         old_denoise = ctx.denoiser(prompts, guidance_scale=1.0)
@@ -244,7 +248,7 @@ class NFT(GRPO):
                     v = net(x_in, t)
                     loss, st = nft_loss(
                         v, v_old, x0, noise, sigma, r_mb, cfg.nft_beta, cfg.adv_clip_max, cfg.loss_space, v_ref,
-                        cfg.kl_coef,
+                        cfg.kl_coef, w_mb,
                     )  # fmt: skip
                     ctx.backward(loss / (k * accum))
                     stats.record(loss, st)
@@ -258,7 +262,9 @@ class NFT(GRPO):
         adv, group_stats = self.local_advantages(ctx, rollout)
         r = reward_probability(adv, self.cfg.adv_clip_max, self.cfg.adv_mode)
         traj = rollout.trajectories
-        st = self.train_epochs(ctx, traj, r)
+        w = rollout.gathered_weights
+        w = None if w is None else rollout.local(w, ctx.process_index).to(r.device)
+        st = self.train_epochs(ctx, traj, r, w=w)
         self.updates += len(st.norms)
         eta = self.update_old_policy()
         images = rollout.images[-len(batches[-1].local) * self.cfg.group_size :]

@@ -109,6 +109,7 @@ def nft_loss(
     loss_space: LossSpace = "x0_adaptive",
     v_ref: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DiffusionNFT's loss on one micro-batch at one training sigma per sample (paper Eq. "L(theta)", the
     negative-aware objective ``E[r ||v+ - u||^2 + (1 - r) ||v- - u||^2]``; spec §2.2, the code's form)::
@@ -116,11 +117,13 @@ def nft_loss(
         x_sigma = (1 - sigma) x0 + sigma eps;  u = eps - x0;  (v+, v-) = implicit_policies(v_theta, v_old, beta)
         x0_adaptive:  l+- = mean_e (x_sigma - sigma v+- - x0)^2 / sg(max(mean_e |x_sigma - sigma v+- - x0|, 1e-5))
         velocity:     l+- = mean_e (v+- - u)^2                      (the paper's pseudocode, spec §5 pitfall 1)
-        L_pol = mean_i adv_clip_max (r_i l+_i + (1 - r_i) l-_i) / beta
+        L_pol = mean_i w_i adv_clip_max (r_i l+_i + (1 - r_i) l-_i) / beta      (w_i = 1 without ``weight``)
         L     = L_pol + kl_coef mean_i mean_e (v_theta - sg(v_ref))^2   (the reference code's KL, to the base)
 
     ``v_theta`` carries the gradient; ``v_old``, ``v_ref``, ``x0``, ``noise``, ``sigma`` [B] and ``r`` [B] are
-    constants. Velocities may be half precision; everything is computed in float32 (the adaptive weights in
+    constants; ``weight`` [B] (optional, constant) is the reward combiner's per-sample weight (Parrot's
+    selection mask x Ctrl-U's exp(-U)): a sample with weight 0 adds exactly nothing to the policy term
+    (with r = 1/2 it would otherwise still pull v_theta toward v_old). Velocities may be half precision; everything is computed in float32 (the adaptive weights in
     float64). Returns the loss and detached diagnostics named as the reference logs them: ``policy_loss``,
     ``kl_div`` (with ``v_ref`` only), ``old_deviate`` = mean (v_theta - v_old)^2, ``x0_norm`` = mean x0^2,
     ``positive_loss`` / ``negative_loss`` (means of l+ and l-).
@@ -143,7 +146,10 @@ def nft_loss(
         u = eps - x0f
         l_pos = ((v_pos - u) ** 2).mean(dim=dims)
         l_neg = ((v_neg - u) ** 2).mean(dim=dims)
-    policy = (adv_clip_max * (r * l_pos + (1 - r) * l_neg) / beta).mean()
+    per_sample = adv_clip_max * (r * l_pos + (1 - r) * l_neg) / beta
+    if weight is not None:
+        per_sample = per_sample * weight.float().detach().reshape(-1).to(vt.device)
+    policy = per_sample.mean()
     loss = policy
     stats = {
         "policy_loss": policy.detach(),
