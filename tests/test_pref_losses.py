@@ -112,6 +112,22 @@ def test_prdp_pairs_per_prompt_and_ties_by_hand():
     assert loss.item() == 0.0 and st["pairs"].item() == 0 and torch.equal(leaf.grad, torch.zeros_like(z))
 
 
+def test_prdp_pair_weights_from_the_combiner_by_hand():
+    """weights w (Parrot's mask x Ctrl-U's weight) weigh pair (i, j) by w_i w_j. Prompt 0: r = (3, 1, 0) at
+    theta = ref, beta 1: errors (0,1) 4, (0,2) 9, (1,2) 1. Sample 2 outside P (w 0): only (0,1) -> 4.
+    w = (1, 0.5, 1): (0.5 x 4 + 9 + 0.5 x 1) / 2 = 5.75; the gradient of a w = 0 sample is exactly 0."""
+    z = torch.zeros(3, 2, dtype=torch.float64)
+    ids, r = torch.tensor([0, 0, 0]), flat([3.0, 1.0, 0.0])
+    loss, st = prdp_loss(z, z, z, r, ids, 1.0, 0.1, weights=torch.tensor([1.0, 1.0, 0.0]))
+    assert loss.item() == pytest.approx(4.0) and st["pairs"].item() == 1
+    loss, _ = prdp_loss(z, z, z, r, ids, 1.0, 0.1, weights=torch.tensor([1.0, 0.5, 1.0]))
+    assert loss.item() == pytest.approx(5.75)
+    leaf = (z + torch.tensor([[0.3], [0.1], [-0.2]], dtype=torch.float64)).requires_grad_(True)
+    loss, _ = prdp_loss(leaf, leaf.detach(), z, r, ids, 1.0, 0.1, weights=torch.tensor([1.0, 1.0, 0.0]))
+    loss.backward()
+    assert torch.equal(leaf.grad[2], torch.zeros(2, dtype=torch.float64)) and leaf.grad[0].abs().sum() > 0
+
+
 def test_prdp_clipped_form_by_hand():
     """One pair, T = 2, beta 1, r = (1, 0), eps 0.1, ref 0, theta_old log-ratios 0.
     theta: rho_0 = (0.3, 0.0), rho_1 = (0.0, 0.0) -> s = (0.15, 0); clipped rho_0 = (0.1, 0) -> s_clip = (0.05, 0).

@@ -75,12 +75,18 @@ class PRDPConfig:
 
 
 def loss_gradient(
-    logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor, rewards: torch.Tensor, ids: torch.Tensor, cfg
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    logp_ref: torch.Tensor,
+    rewards: torch.Tensor,
+    ids: torch.Tensor,
+    cfg,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Step 2 of the module docstring: the loss at the (detached) ``logp`` [N, T] and ``G = dL/dlogp`` [N, T]."""
     leaf = logp.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        loss, stats = prdp_loss(leaf, logp_old, logp_ref, rewards, ids, cfg.beta, cfg.clip_range)
+        loss, stats = prdp_loss(leaf, logp_old, logp_ref, rewards, ids, cfg.beta, cfg.clip_range, weights)
         (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
     if grad is None:
         grad = torch.zeros_like(leaf)
@@ -168,13 +174,15 @@ class PRDP(Method):
         rollout = self.collect(ctx, batches, sampler)
         traj = rollout.trajectories
         rewards, ids = traj.reward.detach().float().cpu(), traj.group_ids.cpu()
+        w = rollout.gathered_weights  # the combiner's per-sample weights (Parrot's mask): pair weights w_i w_j
+        w = None if w is None else rollout.local(w, ctx.process_index).float().cpu()
         logp_old = traj.log_probs[:, : self.trained_steps(traj)].float().cpu() * self.scale(traj)
         logp_ref = self.logprobs(ctx, traj, sampler, reference=True).cpu()
         losses, norms, stats = [], [], []
         for epoch in range(self.cfg.inner_epochs):
             # theta = theta_old before the first update: the sampling pass already gave these log-probs
             logp = logp_old if epoch == 0 else self.logprobs(ctx, traj, sampler).cpu()
-            loss, grad, st = loss_gradient(logp, logp_old, logp_ref, rewards, ids, self.cfg)
+            loss, grad, st = loss_gradient(logp, logp_old, logp_ref, rewards, ids, self.cfg, w)
             self.backward_steps(ctx, traj, grad, sampler)
             norms.append(ctx.optimizer_step())
             losses.append(float(loss))

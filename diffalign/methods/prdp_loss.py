@@ -25,6 +25,7 @@ def prdp_loss(
     group_ids: torch.Tensor,
     beta: float,
     clip_range: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PRDP loss (paper Eq. 8 with the proximal update of Eq. 9 and the appendix listing; spec §4.2)::
 
@@ -36,6 +37,8 @@ def prdp_loss(
             e_clip = (s_clip_i - s_clip_j - (r_i - r_j) / beta)^2
             l_ij   = max(e, e_clip)                                          proximal, pessimistic (Eq. 9)
         L = mean over prompts of ( mean over that prompt's pairs of l_ij )
+          (with ``weights`` w [N], the combiner's per-sample weights: the weighted mean with pair weight
+          w_i w_j, so a pair with a sample outside Parrot's set P has weight 0)
 
     Pairs with equal rewards are left out (the appendix listing); a prompt with no such pair is left out of
     the mean over prompts; with no pair at all the loss is ``0 * logp.sum()`` (a zero that keeps the graph).
@@ -73,6 +76,9 @@ def prdp_loss(
     _, group = torch.unique(ids, return_inverse=True)
     num_groups = int(group.max()) + 1 if n else 0
     pair_f = pair.to(logp.dtype)
+    if weights is not None:
+        w = weights.detach().to(logp.device, logp.dtype).reshape(-1)
+        pair_f = pair_f * (w[:, None] * w[None, :])
     per_row = (per_pair * pair_f).sum(dim=1)  # row i: pairs won by i
     count_row = pair_f.sum(dim=1)
     total = torch.zeros(num_groups, dtype=logp.dtype, device=logp.device).index_add(0, group, per_row)
@@ -83,14 +89,14 @@ def prdp_loss(
     else:
         loss = 0.0 * logp.sum()
     with torch.no_grad():
-        num_pairs = pair_f.sum()
+        num_pairs = (pair_f > 0).to(logp.dtype).sum()
         denom = num_pairs.clamp_min(1)
         log_ratio_old = logp.detach() - old
         stats = {
-            "rdp_error": (e * pair_f).sum() / denom,
+            "rdp_error": (e * (pair_f > 0)).sum() / denom,
             "clipfrac": (log_ratio_old.abs() > clip_range).to(logp.dtype).mean(),
             "pairs": num_pairs,
-            "score_gap": ((s[:, None] - s[None, :]) * pair_f).sum() / denom,
+            "score_gap": ((s[:, None] - s[None, :]) * (pair_f > 0)).sum() / denom,
             "ref_log_ratio": s.mean(),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
