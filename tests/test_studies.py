@@ -3,7 +3,6 @@ hypervolume and front match hand-computed values, and the verdicts and figures c
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -15,16 +14,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import overoptimization  # noqa: E402
 import pareto_study  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _in_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT)
-
-
-def _write(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+from test_hacking_study import _in_checkout, _write  # noqa: E402, F401  (the fixture is autouse)
 
 
 def _configs(lines: list[str]):
