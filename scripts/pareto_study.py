@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=20, help="train.steps of every run (default 20)")
     p.add_argument("--weight", type=float, default=6.0, help="W of the saturation reward (default 6)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run and of the gallery (default 1)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--png", type=Path, default=Path("docs/images/pareto_fronts.png"))
     p.add_argument("--dry-run", action="store_true")
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             str(gallery),
         ]
         print("pareto_study: " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE")
+        subprocess.run(cmd, check=True, env=env)
     rows = read_scores(gallery / "scores.jsonl")
     table, ref = summarize(rows)
     plot(
