@@ -11,7 +11,9 @@ The variants (configs/shapes/grpo_ensemble.yaml; its header says how the members
   learned proxy optimizes;
 - ``wco``: the four members (each a CLIP of its own seed and data subset with a flaw of its own hue),
   each z-scored on 32 base-model samples, combined by their minimum (Coste et al. 2023, WCO);
-- ``uwo``: the same members, mean - lambda x variance (UWO, lambda 0.1, the spec's training default).
+- ``uwo``: the same members, mean - lambda x variance (UWO) with lambda 1 (the reference code's default
+  coefficient): with diffalign's training default 0.1 the variance term of z-scored members was too weak
+  to matter here (docs/training.md: seed 0 lost as much gold as the single proxy).
 
 Every run scores member 1 on the held-out images (``eval.rewards``), so the plotted proxy
 (``eval.jsonl heldout/shapes_clip_flawed``) is the single run's own reward in all three variants, next to
@@ -38,7 +40,7 @@ VARIANTS = {
     "single": f"--config {CONFIG} reward.rewards='[\"{MEMBER_1}\"]' reward.combine=weighted "
     "reward.combine_options.normalize=none",
     "wco": f"--config {CONFIG} reward.combine=wco",
-    "uwo": f"--config {CONFIG} reward.combine=uwo",
+    "uwo": f"--config {CONFIG} reward.combine=uwo reward.combine_options.uwo_lambda=1.0",
 }
 DEFAULTS = [
     "--out",

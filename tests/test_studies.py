@@ -33,7 +33,7 @@ def test_overoptimization_commands_are_valid_configs(tmp_path: Path, capsys: pyt
     single, wco, uwo = _configs(lines)
     assert single.reward.rewards == [overoptimization.MEMBER_1] and single.reward.combine == "weighted"
     assert len(wco.reward.rewards) == 4 and wco.reward.rewards[0] == overoptimization.MEMBER_1
-    assert (wco.reward.combine, uwo.reward.combine) == ("wco", "uwo")
+    assert (wco.reward.combine, uwo.reward.combine) == ("wco", "uwo") and uwo.reward.combine_options.uwo_lambda == 1.0
     assert wco.reward.combine_options.normalize == "zscore"
     for cfg in (single, wco, uwo):  # member 1 scored on held-out images in every variant, 40 steps
         assert cfg.eval.rewards == [overoptimization.MEMBER_1] and cfg.train.steps == 40
