@@ -59,6 +59,7 @@ ALL = [
 DIFFERENTIABLE = {
     "clip_score",
     "shapes_clip",
+    "shapes_clip_flawed",
     "aesthetic",
     "hps",
     "pickscore",

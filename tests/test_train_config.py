@@ -140,6 +140,9 @@ def test_shipped_configs_load(tmp_path):
             rewards = ["adversarial"] if cfg.train.method == "adv_grpo" else ["shapes_clip"]  # its own discriminator
             if f.stem.endswith("_hackable"):  # the hackable proxy of scripts/hacking_study.py (+ its discriminator)
                 rewards = ["shapes_clip", "saturation"] + rewards[:1] * (cfg.train.method == "adv_grpo")
+            if f.stem == "grpo_ensemble":  # issue 17's members with planted flaws (scripts/overoptimization.py)
+                rewards = [r for r in cfg.reward.rewards if r.startswith("shapes_clip_flawed:model=local-dir:")]
+                assert len(rewards) == 4 and cfg.reward.combine == "wco"
             assert cfg.model.pretrained == "assets/shapes-sd" and cfg.reward.rewards == rewards
             assert cfg.eval.gold == "auto" and cfg.prompts.eval == "shapes:heldout"
     assert methods == {
