@@ -16,6 +16,10 @@ base sample is that same 4-step generator at iteration 0. ReNO's own optimizer s
 (50 iterations, Nesterov SGD, lr 5, gradient clip 0.1, lambda 0.01).
 
     python scripts/reno_shapes_eval.py --model assets/shapes-sd --n 64 --iters 50 --steps 4 --out runs/reno-shapes
+
+Several ``--reward`` specs (or one with ``key=A|B``) and ``--combine`` optimize a combination, e.g. UWO
+over the four flawed ensemble members (docs/training.md, issue 17; ensembles are z-scored per prompt on
+32 images of fresh noises); the first reward is the proxy reported before and after.
 """
 
 from __future__ import annotations
