@@ -13,7 +13,7 @@ The variants (configs/shapes/grpo_ensemble.yaml; its header says how the members
   each z-scored on 32 base-model samples, combined by their minimum (Coste et al. 2023, WCO);
 - ``uwo``: the same members, mean - lambda x variance (UWO) with lambda 1 (the reference code's default
   coefficient): with diffalign's training default 0.1 the variance term of z-scored members was too weak
-  to matter here (docs/training.md: seed 0 lost as much gold as the single proxy).
+  to matter here (docs/training.md: gold drop 0.100 mean over 3 seeds, about the single proxy's 0.111).
 
 Every run scores member 1 on the held-out images (``eval.rewards``), so the plotted proxy
 (``eval.jsonl heldout/shapes_clip_flawed``) is the single run's own reward in all three variants, next to
