@@ -406,6 +406,11 @@ class Collected:
         """This process's rows of a tensor laid out like :attr:`gathered_reward` (e.g. advantages)."""
         return local_share(gathered, process_index, self.num_processes, self.batches)
 
+    def local_weights(self, process_index: int) -> torch.Tensor | None:
+        """This process's rows of :attr:`gathered_weights` (the combiner's mask x weight), or None without them."""
+        w = self.gathered_weights
+        return None if w is None else self.local(w, process_index)
+
     def weighted_advantages(self, advantages: torch.Tensor) -> torch.Tensor:
         """Gathered advantages [P*N] times the combiner's per-sample weights: a sample outside the
         selected set (Parrot's P) gets advantage exactly 0, so it adds nothing to the policy gradient

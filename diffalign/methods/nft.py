@@ -262,9 +262,8 @@ class NFT(GRPO):
         adv, group_stats = self.local_advantages(ctx, rollout)
         r = reward_probability(adv, self.cfg.adv_clip_max, self.cfg.adv_mode)
         traj = rollout.trajectories
-        w = rollout.gathered_weights
-        w = None if w is None else rollout.local(w, ctx.process_index).to(r.device)
-        st = self.train_epochs(ctx, traj, r, w=w)
+        w = rollout.local_weights(ctx.process_index)
+        st = self.train_epochs(ctx, traj, r, w=None if w is None else w.to(r.device))
         self.updates += len(st.norms)
         eta = self.update_old_policy()
         images = rollout.images[-len(batches[-1].local) * self.cfg.group_size :]

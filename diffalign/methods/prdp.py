@@ -174,8 +174,8 @@ class PRDP(Method):
         rollout = self.collect(ctx, batches, sampler)
         traj = rollout.trajectories
         rewards, ids = traj.reward.detach().float().cpu(), traj.group_ids.cpu()
-        w = rollout.gathered_weights  # the combiner's per-sample weights (Parrot's mask): pair weights w_i w_j
-        w = None if w is None else rollout.local(w, ctx.process_index).float().cpu()
+        w = rollout.local_weights(ctx.process_index)  # the combiner's mask x weight: pair weights w_i w_j
+        w = None if w is None else w.float().cpu()
         logp_old = traj.log_probs[:, : self.trained_steps(traj)].float().cpu() * self.scale(traj)
         logp_ref = self.logprobs(ctx, traj, sampler, reference=True).cpu()
         losses, norms, stats = [], [], []
