@@ -38,7 +38,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, Union
 
 import torch
@@ -196,10 +196,9 @@ def expand_members(specs: Iterable[str]) -> list[str]:
         alternatives = [a.strip() for a in spec.raw[keys[0]].split("|")]
         if any(not a for a in alternatives):
             raise DiffalignError(f"reward spec {text!r}: option {keys[0]} has an empty alternative between '|'")
+        key = keys[0]
         for alt in alternatives:
-            member = RewardSpec.parse(text)
-            member.raw[keys[0]] = alt
-            member.options[keys[0]] = parse_value(alt)
+            member = replace(spec, options={**spec.options, key: parse_value(alt)}, raw={**spec.raw, key: alt})
             out.append(str(member))
     return out
 

@@ -26,7 +26,6 @@ mean rewards and gold accuracy per variant.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -72,11 +71,18 @@ def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> 
 def read_scores(path: Path) -> dict[str, list[dict]]:
     """scores.jsonl of a gallery, rows grouped by variant label."""
     rows: dict[str, list[dict]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows.setdefault(row["label"], []).append(row)
+    for row in hacking_study.read_jsonl(path):
+        rows.setdefault(row["label"], []).append(row)
     return rows
+
+
+COLORS = {"base": "0.45", "weighted": "tab:blue", "pareto": "tab:red"}
+
+
+def family(label: str) -> str:
+    """The variant a gallery column belongs to: ``weighted-s1`` -> ``weighted``; the base model -> ``base``."""
+    name = label.split("-s")[0]
+    return name if name in COLORS else "base"
 
 
 def summarize(rows: dict[str, list[dict]]) -> tuple[dict[str, dict[str, float]], tuple[float, float]]:
@@ -92,7 +98,6 @@ def summarize(rows: dict[str, list[dict]]) -> tuple[dict[str, dict[str, float]],
             KEYS[1]: sum(p[1] for p in pts) / len(pts),
             "gold/accuracy": sum(r["scores"].get("gold/accuracy", 0.0) for r in rs) / len(rs),
             "front_size": float(len(front(pts))),
-            "images": float(len(pts)),
         }
     return table, ref
 
@@ -105,27 +110,21 @@ def plot(rows: dict[str, list[dict]], table: dict[str, dict[str, float]], png: P
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
-    colors = {"base": "0.45", "weighted": "tab:blue", "pareto": "tab:red"}
     families: dict[str, list[tuple[float, float]]] = {}
     for label, rs in rows.items():
-        family = label.split("-s")[0] if label.split("-s")[0] in colors else "base"
-        families.setdefault(family, []).extend((r["scores"][KEYS[0]], r["scores"][KEYS[1]]) for r in rs)
-    for family, pts in families.items():
-        c = colors[family]
+        families.setdefault(family(label), []).extend((r["scores"][KEYS[0]], r["scores"][KEYS[1]]) for r in rs)
+    for name, pts in families.items():
+        c = COLORS[name]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, color=c, alpha=0.25)
         f = front(pts)
-        hv = [
-            v["hypervolume"]
-            for k, v in table.items()
-            if (k.split("-s")[0] if k.split("-s")[0] in colors else "base") == family
-        ]
+        hv = [v["hypervolume"] for k, v in table.items() if family(k) == name]
         ax.step(
             [p[0] for p in f],
             [p[1] for p in f],
             where="post",
             color=c,
             linewidth=2,
-            label=f"{family}: front of {len(pts)} images; HV per run {sum(hv) / len(hv):.4f} (mean)",
+            label=f"{name}: front of {len(pts)} images; HV per run {sum(hv) / len(hv):.4f} (mean)",
         )
     ax.set_xlabel(f"{KEYS[0]} (held-out)")
     ax.set_ylabel(f"{KEYS[1]} (held-out)")
