@@ -572,4 +572,6 @@ def validate_adv_grpo(cfg: DiffalignConfig) -> None:
         list_reference_images(g.reference)
 
 
-register_method(MethodEntry("adv_grpo", AdvGRPO, AdvGRPOConfig, "adv_grpo", False, validate_adv_grpo))
+register_method(
+    MethodEntry("adv_grpo", AdvGRPO, AdvGRPOConfig, "adv_grpo", False, validate_adv_grpo, samplers=("ddim", "flow"))
+)
