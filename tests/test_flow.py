@@ -303,7 +303,6 @@ def test_cli_trains_flow_grpo_with_kl_to_the_reference(tmp_path, sd3_dir, kl, ca
     load_lora(pipe, out / "lora", expect_rank=2)  # a transformer LoRA in diffusers' format
 
 
-
 def test_cli_trains_adv_grpo_on_sd3(tmp_path, sd3_dir, capsys):
     """Adv-GRPO on the tiny SD3 (issue 20): the discriminator is trained on the flow sampler's SDE rollouts and
     scores them; the GRPO update and the reference renders are the same as on a UNet pipeline."""
@@ -326,6 +325,7 @@ def test_cli_trains_adv_grpo_on_sd3(tmp_path, sd3_dir, capsys):
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 3] and "adv/acc" in evals[-1]
     load_lora(load_pipeline(str(sd3_dir)), out / "lora", expect_rank=2)
+
 
 def test_flow_grpo_kl_forms():
     """flow_grpo (the reference code's form) = the exact per-element KL times |dt| (spec §6.1 pitfall o)."""
@@ -361,11 +361,31 @@ def test_ddim_only_methods_refuse_a_flow_pipeline_in_one_line(tmp_path, sd3_dir,
     assert not (tmp_path / "run" / "lora").exists()
 
 
-def test_reno_refuses_a_flow_pipeline(sd3_dir):
-    from diffalign.reno import reno
+@pytest.mark.parametrize("steps", [1, 3])
+def test_reno_iteration_0_is_the_diffusers_sd3_image(sd3_dir, steps):
+    """ReNO's generator on a flow pipeline (issue 20): the flow ODE from z; iteration 0 = pipe(...) for the seed."""
+    from diffalign.reno import RenoConfig, reno
 
-    with pytest.raises(DiffalignError, match="flow-matching"):
-        reno(load_pipeline(str(sd3_dir)), "a red circle", ["train_fixtures:Brightness"])
+    pipe = load_pipeline(str(sd3_dir))
+    pipe.set_progress_bar_config(disable=True)
+    cfg = RenoConfig(iters=1, seed=3, num_steps=steps, guidance_scale=CFG)
+    result = reno(pipe, PROMPTS[0], ["train_fixtures:Brightness"], None, cfg)
+    gen = torch.Generator().manual_seed(3)
+    theirs = pipe(PROMPTS[0], num_inference_steps=steps, guidance_scale=CFG, generator=gen, output_type="pt")
+    assert (result.initial_image - theirs.images[0]).abs().max() < 1e-5
+    assert result.steps_taken == 0
+
+
+def test_reno_raises_the_reward_on_sd3(sd3_dir):
+    from diffalign.reno import RenoConfig, reno
+
+    pipe = load_pipeline(str(sd3_dir))
+    before = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    result = reno(pipe, PROMPTS[0], ["train_fixtures:Brightness"], None, RenoConfig(iters=6, num_steps=2, lr=5.0))
+    values = [r.rewards["brightness"] for r in result.records]
+    assert result.best_rewards["brightness"] > values[0] + 1e-4 and result.best_iter > 0
+    assert all(math.isfinite(r.grad_norm) for r in result.records[:-1])
+    assert all(torch.equal(p, before[n]) for n, p in pipe.transformer.named_parameters())  # only z moves
 
 
 # --------------------------------------------------------------------------- training: reward backprop
@@ -407,3 +427,16 @@ def test_cli_trains_reward_backprop_on_sd3(tmp_path, sd3_dir, method, capsys):
     assert f"finished 3 steps of {method}" in capsys.readouterr().out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
+
+
+def test_reno_cli_on_sd3(sd3_dir, tmp_path, capsys):
+    import json
+
+    from diffalign.cli import main
+
+    out = tmp_path / "reno"
+    args = ["reno", "--prompt", PROMPTS[0], "--model", str(sd3_dir), "--reward", "train_fixtures:Brightness"]
+    assert main([*args, "--iters", "3", "--steps", "2", "--out", str(out)]) == 0
+    row = json.loads((out / "summary.jsonl").read_text().splitlines()[0])
+    assert row["prompt"] == PROMPTS[0] and "brightness" in json.dumps(row)
+    assert "best at iteration" in capsys.readouterr().out

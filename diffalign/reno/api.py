@@ -59,14 +59,9 @@ def reno(
     cfg = cfg or RenoConfig()
     if not isinstance(prompt, str) or not prompt.strip():
         raise DiffalignError("reno: the prompt is empty; pass some text")
-    from diffalign.pipelines import sampler_kind
+    from diffalign.pipelines import backbone
 
-    if sampler_kind(pipe) != "ddim":
-        raise DiffalignError(
-            "reno: its few-step generator is trailing DDIM on a UNet pipeline (SD, SDXL, SD-Turbo); "
-            "flow-matching (SD3) pipelines are not supported yet"
-        )
-    device = pipe.unet.device
+    device = backbone(pipe).device
     built, weights, names = build_rewards(rewards, weights, device)
     combiner = build_combiner(combine, names, weights, combine_options, context="reno")
     ensure_lora(pipe, lora)

@@ -1,5 +1,6 @@
-"""ReNO's generator ``G(z, c)``: a few-step trailing-DDIM sampler built from a diffusers pipeline (spec §7.3).
+"""ReNO's generator ``G(z, c)``: a few-step sampler built from a diffusers pipeline (spec §7.3).
 
+UNet pipelines (SD, SDXL, SD-Turbo, SDXL-Turbo):
 A DDIM sampler (eta = 0) with ``timestep_spacing="trailing"`` built from the pipeline's own scheduler
 config, run with :func:`diffalign.sampling.sample_differentiable`, whose output is the clean-image
 prediction ``x0_hat`` of the last step, decoded by the VAE. With one step from ``t = 999`` this is
@@ -9,6 +10,12 @@ that scheduler scales it, see :func:`noise_scale`); with a few steps it is the d
 few-step sampler of the same model. Every UNet call is wrapped in activation checkpointing
 (``checkpoint=True``) so that 4 steps cost about the memory of 1. The pipeline's scheduler and
 weights are never changed (a ``lora`` is loaded once, see :func:`ensure_lora`).
+
+Flow-matching pipelines (SD3 / SD3.5, e.g. the few-step SD3.5-Large-Turbo): the platform's flow sampler
+(:class:`diffalign.sampling.FlowMatchSampler`) on a copy of the pipeline's own scheduler, Euler ODE steps
+from ``sigma = 1`` (``x_1 = z``: flow schedulers start from N(0, I)) to ``sigma = 0``, so the last
+step's predicted ``x0 = x - sigma v`` is the image ``pipe(prompt, num_inference_steps=N)`` returns;
+``eta > 0`` takes Flow-GRPO's SDE step with that noise level instead.
 """
 
 from __future__ import annotations
@@ -23,15 +30,24 @@ from diffalign.reno.core import RenoConfig
 
 
 def reno_scheduler(pipe, num_steps: int):
-    """A DDIM scheduler with trailing timesteps from the pipeline's scheduler config, set to ``num_steps``.
+    """The generator's step rule, set to ``num_steps``; the pipeline's own scheduler is left untouched.
 
-    Trailing spacing starts at ``t = 999`` (pure noise), as SD-Turbo and SDXL-Turbo sample; the
-    pipeline's own scheduler is left untouched.
+    UNet pipelines: a DDIM scheduler with trailing timesteps from the pipeline's scheduler config
+    (trailing spacing starts at ``t = 999``, pure noise, as SD-Turbo and SDXL-Turbo sample). Flow
+    pipelines: the flow sampler on a copy of the shipped flow-matching scheduler (its shift included).
     """
+    from diffalign.pipelines import backbone, sampler_kind
+
+    if sampler_kind(pipe) == "flow":
+        from diffalign.sampling import make_sampler
+
+        sampler = make_sampler(type(pipe.scheduler).from_config(pipe.scheduler.config))
+        sampler.set_steps(num_steps)
+        return sampler
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
-    sched.set_timesteps(num_steps, device=pipe.unet.device)
+    sched.set_timesteps(num_steps, device=backbone(pipe).device)
     return sched
 
 
@@ -61,12 +77,12 @@ def conditioning(pipe, prompt: str, guidance: bool, size: tuple[int, int]):
 
 def initial_noise(pipe, cfg: RenoConfig) -> torch.Tensor:
     """z0 ~ N(0, I) drawn as the diffusers pipeline draws its latents for ``cfg.seed`` (float32, [1, C, h, w])."""
-    from diffalign.pipelines import default_size, initial_latents
+    from diffalign.pipelines import backbone, default_size, initial_latents
 
     h, w = (cfg.size, cfg.size) if cfg.size else default_size(pipe)
-    gen = torch.Generator(pipe.unet.device).manual_seed(cfg.seed)
+    gen = torch.Generator(backbone(pipe).device).manual_seed(cfg.seed)
     z = initial_latents(pipe, 1, gen, h, w).float()
-    sigma = float(pipe.scheduler.init_noise_sigma)
+    sigma = float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))  # flow-matching schedulers have none
     return z / sigma if sigma != 1.0 else z
 
 
@@ -78,7 +94,12 @@ def noise_scale(pipe, num_steps: int) -> float:
     for Euler(-ancestral) with trailing spacing (SD-Turbo, SDXL-Turbo) diffusers starts from
     ``sigma_max * z``, i.e. ``s = sigma_max / sqrt(sigma_max^2 + 1) = sqrt(1 - alpha_bar_999)`` (0.9977),
     so that iteration 0 of ReNO is exactly the image ``pipe(prompt, num_inference_steps=1)`` returns.
+    Flow-matching pipelines start from ``z`` itself: ``s = 1``.
     """
+    from diffalign.pipelines import sampler_kind
+
+    if sampler_kind(pipe) == "flow":
+        return 1.0
     shipped = type(pipe.scheduler).from_config(pipe.scheduler.config)
     shipped.set_timesteps(num_steps)
     probe = torch.ones(1) * float(shipped.init_noise_sigma)
@@ -88,11 +109,11 @@ def noise_scale(pipe, num_steps: int) -> float:
 def make_generator(pipe, prompt: str, cfg: RenoConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     """``G(z) -> images [1, 3, H, W]`` in [0, 1], differentiable in ``z`` (spec §7.3).
 
-    Trailing DDIM with ``cfg.num_steps`` steps (eta ``cfg.eta``; its noise fixed by ``cfg.seed``, i.e.
-    re-seeded every call) from ``x_T = s * z`` (``s`` from :func:`noise_scale`), output = the last
+    :func:`reno_scheduler`'s ``cfg.num_steps`` steps (eta ``cfg.eta``; its noise fixed by ``cfg.seed``,
+    i.e. re-seeded every call) from ``x_T = s * z`` (``s`` from :func:`noise_scale`), output = the last
     step's predicted x0, decoded by the VAE.
     """
-    from diffalign.pipelines import decode, default_size
+    from diffalign.pipelines import backbone, decode, default_size
     from diffalign.sampling import make_denoiser, sample_differentiable
 
     size = (cfg.size, cfg.size) if cfg.size else default_size(pipe)
@@ -101,14 +122,15 @@ def make_generator(pipe, prompt: str, cfg: RenoConfig) -> Callable[[torch.Tensor
     sched = reno_scheduler(pipe, cfg.num_steps)
     with torch.no_grad():
         cond = conditioning(pipe, prompt, cfg.guidance_scale > 1.0, size)
-    denoise = make_denoiser(pipe.unet, guidance_scale=cfg.guidance_scale, **cond.denoiser_kwargs())
-    dtype = pipe.unet.dtype
+    net = backbone(pipe)
+    denoise = make_denoiser(net, guidance_scale=cfg.guidance_scale, **cond.denoiser_kwargs())
+    dtype = net.dtype
     scale = noise_scale(pipe, cfg.num_steps)
     noises = None
     if cfg.eta > 0:
-        shape = (1, pipe.unet.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
-        gen = torch.Generator(pipe.unet.device).manual_seed(cfg.seed + 1)
-        noises = [torch.randn(shape, generator=gen, device=pipe.unet.device, dtype=dtype) for _ in range(cfg.num_steps)]
+        shape = (1, net.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
+        gen = torch.Generator(net.device).manual_seed(cfg.seed + 1)
+        noises = [torch.randn(shape, generator=gen, device=net.device, dtype=dtype) for _ in range(cfg.num_steps)]
 
     def generate(z: torch.Tensor) -> torch.Tensor:
         x_t = (z * scale if scale != 1.0 else z).to(dtype)
