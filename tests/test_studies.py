@@ -81,6 +81,12 @@ def test_pareto_study_commands_and_report(tmp_path: Path, capsys: pytest.Capture
     assert weighted.reward.weights == pareto.reward.weights == [1.0, 6.0]
     assert (weighted.reward.combine, pareto.reward.combine) == ("weighted", "pareto")
     assert weighted.train.steps == pareto.train.steps == 20
+    assert (
+        pareto_study.main(["--dry-run", "--out", str(tmp_path), "--seeds", "0", "--second", "jpeg_compressibility"])
+        == 0
+    )
+    other, _ = _configs(capsys.readouterr().out.strip().splitlines())
+    assert other.reward.rewards == ["shapes_clip", "jpeg_compressibility"]
 
     out = tmp_path / "study"
     for name in ("weighted-s0", "pareto-s0"):
