@@ -308,11 +308,12 @@ def pipeline_sampler_kind(model: str) -> str:
 def flow_mu(pipe, size: tuple[int, int] | None = None) -> float | None:
     """FLUX's resolution-dependent shift ``mu`` for images of ``size`` (default :func:`default_size`), as
     ``FluxPipeline`` computes it: :func:`diffalign.sampling.flow_shift_mu` of the image sequence length
-    ``(H / 2f) (W / 2f)`` (packed 2x2 latent tokens, f the VAE factor); ``None`` when the pipeline's scheduler
-    does not use dynamic shifting (SD3, the UNet families)."""
+    ``(H / 2f) (W / 2f)`` (packed 2x2 latent tokens, f the VAE factor). Given to the flow sampler it also selects
+    FluxPipeline's grid ``sigmas = linspace(1, 1/N, N)`` (which a scheduler without dynamic shifting, as
+    FLUX-schnell's, shifts statically). ``None`` for the other families (SD3 sets its grid from the step count)."""
     from diffalign.sampling import flow_shift_mu
 
-    if not pipe.scheduler.config.get("use_dynamic_shifting", False):
+    if family_of(pipe) != "flux":
         return None
     h, w = size if size else default_size(pipe)
     step = 2 * pipe.vae_scale_factor

@@ -575,9 +575,10 @@ class FlowMatchSampler(SchedulerSampler):
     (a > 0, a Gaussian policy per step with log-prob, spec §6.1) or the Euler ODE step (a = 0, what
     ``StableDiffusion3Pipeline`` and ``FluxPipeline`` sample). The network sees ``x_t`` unscaled; x_T ~ N(0, I).
 
-    A scheduler with ``use_dynamic_shifting`` (FLUX) needs ``mu``, the shift for the image size
-    (:func:`flow_shift_mu`; :func:`diffalign.pipelines.flow_mu`): :meth:`set_steps` then sets FluxPipeline's
-    grid, ``sigmas = linspace(1, 1/N, N)`` shifted by ``mu``.
+    ``mu`` (FLUX; :func:`flow_shift_mu`, :func:`diffalign.pipelines.flow_mu`) selects FluxPipeline's grid:
+    :meth:`set_steps` sets ``sigmas = linspace(1, 1/N, N)``, shifted by ``mu`` when the scheduler uses dynamic
+    shifting (FLUX-dev), else by its static ``shift`` (FLUX-schnell). Without ``mu`` the grid is
+    ``set_timesteps(N)`` (SD3); a scheduler with ``use_dynamic_shifting`` then refuses, in one line.
     """
 
     kind = "flow"
@@ -596,8 +597,9 @@ class FlowMatchSampler(SchedulerSampler):
         return math.exp(self.mu) if cfg.get("time_shift_type", "exponential") == "exponential" else float(self.mu)
 
     def set_steps(self, num_steps: int, device: str | torch.device | None = None) -> None:
-        """``num_steps`` steps; with dynamic shifting FluxPipeline's grid for :attr:`mu`, else the scheduler's."""
-        if not self.scheduler.config.get("use_dynamic_shifting", False):
+        """``num_steps`` steps: FluxPipeline's grid when :attr:`mu` is set, else the scheduler's ``set_timesteps``."""
+        dynamic = self.scheduler.config.get("use_dynamic_shifting", False)
+        if self.mu is None and not dynamic:
             self.scheduler.set_timesteps(num_steps, device=device)
             return
         if self.mu is None:

@@ -109,11 +109,28 @@ def test_flux_ode_sampler_matches_diffusers_flux_pipeline(flux_dir, steps):
     assert (our_images(ours, steps=steps) - their_images(plain, steps=steps)).abs().max().item() > 1e-3
 
 
-def test_flux_lora_round_trips_through_plain_diffusers(flux_dir, tmp_path):
+def test_flux_schnell_shape_matches_diffusers_too(tmp_path):
+    """FLUX-schnell's shape: no guidance embedding, no dynamic shifting (static shift 1), still FluxPipeline's grid
+    sigmas = linspace(1, 1/N, N), which SD3's set_timesteps(N) would not give."""
+    from tiny import save_flux
+
+    directory = save_flux(tmp_path, schnell=True)
+    pipe = load_pipeline(str(directory))
+    pipe.set_progress_bar_config(disable=True)
+    assert not pipe.transformer.config.guidance_embeds and not pipe.scheduler.config.use_dynamic_shifting
+    diff = (our_images(pipe) - their_images(pipe)).abs().max().item()
+    print(f"flux-schnell ODE parity max abs diff: {diff:.2e}")
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("text_encoder", [False, True], ids=["transformer", "transformer+clip"])
+def test_flux_lora_round_trips_through_plain_diffusers(flux_dir, tmp_path, text_encoder):
     from diffusers import FluxPipeline
 
     pipe = load_pipeline(str(flux_dir))
-    add_lora(pipe, LoraSettings(rank=4, alpha=8, init="gaussian"))  # alpha != rank; gaussian: not a no-op
+    # alpha != rank; gaussian init: not a no-op; text_encoder: FLUX's CLIP (not T5), as diffusers' FLUX loader
+    add_lora(pipe, LoraSettings(rank=4, alpha=8, init="gaussian", text_encoder=text_encoder))
+    assert not any("lora" in n for n, _ in pipe.text_encoder_2.named_parameters())
     names = {n for n, _ in pipe.transformer.named_modules() if n.endswith("lora_A.default")}
     assert any("single_transformer_blocks" in n for n in names) and any("to_add_out" in n for n in names)
     _randomize_lora(pipe, seed=1)
@@ -210,3 +227,15 @@ def test_cli_trains_alignprop_on_flux(tmp_path, flux_dir, capsys):
     assert "finished 3 steps of alignprop" in capsys.readouterr().out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
+
+
+def test_reno_iteration_0_is_the_diffusers_flux_image(flux_dir):
+    """ReNO's generator on FLUX: the flow ODE from z on FluxPipeline's grid for the size; iteration 0 = pipe(...)."""
+    from diffalign.reno import RenoConfig, reno
+
+    pipe = load_pipeline(str(flux_dir))
+    pipe.set_progress_bar_config(disable=True)
+    cfg = RenoConfig(iters=1, seed=3, num_steps=2, guidance_scale=GUIDANCE)
+    result = reno(pipe, PROMPTS[0], ["train_fixtures:Brightness"], None, cfg)
+    theirs = their_images(pipe, PROMPTS[:1], seed=3, steps=2)
+    assert (result.initial_image - theirs[0]).abs().max() < 1e-5

@@ -217,10 +217,11 @@ def tiny_t5_tokenizer(max_length: int = 512):
     )
 
 
-def build_flux(tmp: Path, seed: int = 0, guidance_embeds: bool = True):
+def build_flux(tmp: Path, seed: int = 0, schnell: bool = False):
     """FluxPipeline: a one double-stream + one single-stream block FLUX transformer on 4-channel latents (packed 2x2
     into 16-wide tokens), a CLIP (pooled projections) and a tiny T5 (the sequence), and FLUX-dev's scheduler with
-    dynamic shifting. ``guidance_embeds``: FLUX-dev's distilled guidance embedding (False: FLUX-schnell's shape).
+    dynamic shifting and its distilled guidance embedding; ``schnell``: FLUX-schnell's shape instead (no guidance
+    embedding, a static shift of 1).
     The VAE has FLUX's kind of scaling and shift factors. Images are 16x16 at 8x8 latents: 16 image tokens."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
@@ -237,7 +238,7 @@ def build_flux(tmp: Path, seed: int = 0, guidance_embeds: bool = True):
         num_attention_heads=2,
         joint_attention_dim=32,
         pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds,
+        guidance_embeds=not schnell,
         axes_dims_rope=(4, 6, 6),
     )
     torch.manual_seed(seed)
@@ -270,8 +271,8 @@ def build_flux(tmp: Path, seed: int = 0, guidance_embeds: bool = True):
         use_post_quant_conv=False,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
+        shift=1.0 if schnell else 3.0,
+        use_dynamic_shifting=not schnell,
         base_shift=0.5,
         max_shift=1.15,
         base_image_seq_len=256,
@@ -288,12 +289,12 @@ def build_flux(tmp: Path, seed: int = 0, guidance_embeds: bool = True):
     )
 
 
-def save_flux(tmp: Path, seed: int = 0, guidance_embeds: bool = True, max_sequence_length: int = 16) -> Path:
+def save_flux(tmp: Path, seed: int = 0, schnell: bool = False, max_sequence_length: int = 16) -> Path:
     """:func:`build_flux` saved at ``tmp/pipe`` with a ``diffalign.json`` giving the default image size (16)
     and the T5 sequence length."""
     import json
 
-    pipe = build_flux(tmp, seed, guidance_embeds)
+    pipe = build_flux(tmp, seed, schnell)
     pipe.save_pretrained(tmp / "pipe")
     settings = {"max_sequence_length": max_sequence_length, "image_size": 16}
     (tmp / "pipe" / "diffalign.json").write_text(json.dumps(settings))
