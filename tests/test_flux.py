@@ -215,16 +215,21 @@ def test_cli_trains_flow_grpo_on_flux(tmp_path, flux_dir, capsys):
     fresh.load_lora_weights(str(out / "lora"))
 
 
-def test_cli_trains_alignprop_on_flux(tmp_path, flux_dir, capsys):
+@pytest.mark.parametrize("method", ["alignprop", "draft_k", "refl"])
+def test_cli_trains_reward_backprop_on_flux(tmp_path, flux_dir, method, capsys):
+    """Gradients through FLUX's packed transformer calls on the ODE (checkpointed), as on SD3."""
     from train_fixtures import write_config
 
     from diffalign.cli import main
 
     out = tmp_path / "run"
-    cfg = _flux_config(flux_dir, out, "alignprop", alignprop={"truncation": "uniform"})
+    cfg = _flux_config(flux_dir, out, method)
     cfg["sample"]["eta"] = 0.0
+    cfg[{"draft_k": "draft"}.get(method, method)] = {"k": 2} if method != "refl" else {}
+    if method == "alignprop":
+        cfg["alignprop"] = {"truncation": "uniform"}
     assert main(["train", "--config", str(write_config(tmp_path / "cfg.yaml", cfg))]) == 0
-    assert "finished 3 steps of alignprop" in capsys.readouterr().out
+    assert f"finished 3 steps of {method}" in capsys.readouterr().out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
 
@@ -239,3 +244,20 @@ def test_reno_iteration_0_is_the_diffusers_flux_image(flux_dir):
     result = reno(pipe, PROMPTS[0], ["train_fixtures:Brightness"], None, cfg)
     theirs = their_images(pipe, PROMPTS[:1], seed=3, steps=2)
     assert (result.initial_image - theirs[0]).abs().max() < 1e-5
+
+
+def test_cli_trains_adv_grpo_on_flux(tmp_path, flux_dir, capsys):
+    """Adv-GRPO on the tiny FLUX: the discriminator on the flow SDE rollouts, the GRPO update as on SD3."""
+    from test_adv_grpo import adv_config
+    from train_fixtures import write_config
+
+    from diffalign.cli import main
+
+    out = tmp_path / "run"
+    flow = _flux_config(flux_dir, out, "adv_grpo")
+    cfg = adv_config(tmp_path, flux_dir, out, sample=flow["sample"], eval=flow["eval"] | {"every": 3})
+    assert main(["train", "--config", str(write_config(tmp_path / "cfg.yaml", cfg))]) == 0
+    assert "finished 3 steps of adv_grpo" in capsys.readouterr().out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(math.isfinite(m["disc_loss"]) for m in metrics)
+    load_lora(load_pipeline(str(flux_dir)), out / "lora", expect_rank=2)
