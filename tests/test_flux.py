@@ -261,3 +261,13 @@ def test_cli_trains_adv_grpo_on_flux(tmp_path, flux_dir, capsys):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(math.isfinite(m["disc_loss"]) for m in metrics)
     load_lora(load_pipeline(str(flux_dir)), out / "lora", expect_rank=2)
+
+
+def test_cli_sample_on_flux(flux_dir, tmp_path):
+    """`diffalign sample` on FLUX: FluxPipeline's own sampler at the pipeline's default size, one PNG per image."""
+    from diffalign.cli import main
+
+    out = tmp_path / "samples"
+    args = ["sample", "--model", str(flux_dir), "--prompt", PROMPTS[0], "--n", "2", "--steps", "2"]
+    assert main([*args, "--guidance", "3.5", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 2
