@@ -97,11 +97,10 @@ class PipelineSampler:
     ``decode``, ``sampler``) for a pipeline outside training, with a run's ``sample`` settings."""
 
     def __init__(self, pipe: Any, sample: SampleConfig) -> None:
-        from diffalign.sampling import make_sampler
+        from diffalign.pipelines import pipeline_sampler
 
         self.pipe, self.sample = pipe, sample
-        pipe.scheduler.set_timesteps(sample.steps)
-        self.sampler = make_sampler(pipe.scheduler)
+        self.sampler = pipeline_sampler(pipe, sample.steps)
 
     def denoiser(self, prompts: list[str]) -> Any:
         from diffalign.pipelines import backbone, encode_prompts

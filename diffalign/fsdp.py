@@ -84,10 +84,11 @@ def fsdp_unavailable_reason() -> str | None:
 
 
 def default_blocks(model: torch.nn.Module) -> list[str]:
-    """The class names of the blocks sharded one by one: SD3's joint transformer blocks, or the UNet's
-    down, mid and up blocks (their classes as this UNet has them)."""
+    """The class names of the blocks sharded one by one: SD3's joint transformer blocks, FLUX's double- and
+    single-stream blocks, or the UNet's down, mid and up blocks (their classes as this UNet has them)."""
     if hasattr(model, "transformer_blocks"):
-        return sorted({type(b).__name__ for b in model.transformer_blocks})
+        blocks = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", None) or [])
+        return sorted({type(b).__name__ for b in blocks})
     names: set[str] = set()
     for attr in UNET_BLOCK_ATTRS:
         part = getattr(model, attr, None)

@@ -4,16 +4,21 @@ Supported families, detected from ``model_index.json``: Stable Diffusion 1.x/2.x
 (``StableDiffusionPipeline``, also SD-Turbo) and SDXL (``StableDiffusionXLPipeline``, also
 SDXL-Turbo), sampled with DDIM; Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``, an MMDiT
 transformer, rectified flow), sampled with its ``FlowMatchEulerDiscreteScheduler``
-(:class:`diffalign.sampling.FlowMatchSampler`). The denoising network is :func:`backbone` (the UNet
-or the transformer). Base weights are frozen; only LoRA parameters train. LoRA files are written in
+(:class:`diffalign.sampling.FlowMatchSampler`); FLUX.1 (``FluxPipeline``, dev with its distilled guidance
+embedding or schnell without, a T5 + CLIP prompt and resolution-dependent shifting ``mu``,
+:func:`flow_mu`) with the same flow sampler, its latents kept unpacked ``[B, C, H, W]`` everywhere and
+packed 2x2 into tokens only inside the denoiser (:func:`diffalign.sampling.make_denoiser`). The denoising
+network is :func:`backbone` (the UNet or the transformer). Base weights are frozen; only LoRA parameters train. LoRA files are written in
 diffusers' format (``pytorch_lora_weights.safetensors`` with the adapter config as metadata), so a
 plain ``pipe.load_lora_weights(dir)`` reproduces our outputs, alpha != rank included.
 
 A local pipeline directory may hold ``diffalign.json`` (:data:`SETTINGS_FILE`), settings that diffusers'
-``model_index.json`` has no place for; :func:`load_pipeline` reads it. Today one key:
-``max_sequence_length``, the length of SD3's T5 part of the prompt sequence (diffusers' default 256; a
-pipeline without T5 pads that many zero tokens, so the tiny shapes flow model is trained with 0, i.e.
-CLIP tokens only). :func:`encode_prompts` and :func:`draw_images` use it (:func:`sequence_length`).
+``model_index.json`` has no place for; :func:`load_pipeline` reads it. Two keys:
+``max_sequence_length``, the length of the T5 part of the prompt sequence (diffusers' default 256 for SD3,
+512 for FLUX; an SD3 pipeline without T5 pads that many zero tokens, so the tiny shapes flow model is
+trained with 0, i.e. CLIP tokens only). :func:`encode_prompts` and :func:`draw_images` use it
+(:func:`sequence_length`). ``image_size``: the default image side in pixels of a FLUX pipeline (whose
+config does not say it; diffusers' default 1024), what :func:`default_size` returns.
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ from diffalign.errors import DiffalignError
 from diffalign.paths import looks_like_path, missing_path_message, resolve_local
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+FAMILIES |= {"FluxPipeline": "flux"}
 # the step rule each family samples with (diffalign.sampling.Sampler.kind); methods declare the kinds they support
-SAMPLER_KINDS = {"sd": "ddim", "sdxl": "ddim", "sd3": "flow"}
+SAMPLER_KINDS = {"sd": "ddim", "sdxl": "ddim", "sd3": "flow", "flux": "flow"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 DTYPES |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SETTINGS_FILE = "diffalign.json"  # per-pipeline settings diffusers has no place for (module docstring)
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # diffusers' StableDiffusion3Pipeline default (T5 tokens)
+FLUX_MAX_SEQUENCE_LENGTH = 512  # diffusers' FluxPipeline default
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -136,17 +143,18 @@ def load_pipeline(
     attention: Literal["sdpa", "xformers"] = "sdpa",
     scheduler: Literal["ddim", "keep"] = "ddim",
 ):
-    """Load an SD 1.x/2.x, SDXL or SD3 pipeline from a hub id or local directory, frozen, on ``device``.
+    """Load an SD 1.x/2.x, SDXL, SD3 or FLUX pipeline from a hub id or local directory, frozen, on ``device``.
 
     ``scheduler="ddim"`` swaps in a DDIMScheduler built from the pipeline's own scheduler config
-    (what the samplers in :mod:`diffalign.sampling` expect) for the UNet families; an SD3 pipeline
-    keeps its ``FlowMatchEulerDiscreteScheduler`` (the flow sampler's grid); ``"keep"`` leaves any
-    scheduler as shipped.
+    (what the samplers in :mod:`diffalign.sampling` expect) for the UNet families; an SD3 or FLUX pipeline
+    keeps its ``FlowMatchEulerDiscreteScheduler`` (the flow sampler's grid; FLUX's dynamic shifting is
+    resolved per image size, :func:`flow_mu`); ``"keep"`` leaves any scheduler as shipped.
     Attention runs through torch SDPA (diffusers' default); ``attention="xformers"`` switches to
     xformers kernels when that optional package (extra ``gpu``) is installed.
     """
     from diffusers import (
         DDIMScheduler,
+        FluxPipeline,
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
@@ -160,13 +168,14 @@ def load_pipeline(
     if family is None:
         raise DiffalignError(
             f"{model} holds a {name or 'unknown'} pipeline; diffalign supports {', '.join(FAMILIES)} "
-            "(SD 1.x/2.x, SD-Turbo, SDXL, SDXL-Turbo, SD3 / SD3.5)"
+            "(SD 1.x/2.x, SD-Turbo, SDXL, SDXL-Turbo, SD3 / SD3.5, FLUX.1)"
         )
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise DiffalignError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[family]
+    cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}
+    cls = (cls | {"flux": FluxPipeline})[family]
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
     # components saved as absent ([null, null], e.g. SD3 without its T5 encoder) are passed as None
     kwargs |= {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1] is None}
@@ -183,13 +192,27 @@ def load_pipeline(
         ) from None
     if scheduler == "ddim" and SAMPLER_KINDS[family] == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    if SAMPLER_KINDS[family] == "flow" and pipe.scheduler.config.get("use_dynamic_shifting", False):
+    if family == "sd3" and pipe.scheduler.config.get("use_dynamic_shifting", False):
         raise DiffalignError(
-            f"{model}: its scheduler uses resolution-dependent shifting (use_dynamic_shifting), which diffalign's "
-            "flow sampler does not support yet; use an SD3 / SD3.5 pipeline with a fixed shift"
+            f"{model}: its SD3 scheduler uses resolution-dependent shifting (use_dynamic_shifting), which diffalign's "
+            "flow sampler supports for FLUX only; use an SD3 / SD3.5 pipeline with a fixed shift"
         )
     if family == "sd3":
         set_sequence_length(pipe, settings.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
+    if family == "flux":
+        n = settings.get("max_sequence_length", FLUX_MAX_SEQUENCE_LENGTH)
+        if n < 1:
+            raise DiffalignError(
+                f"{model}: max_sequence_length must be >= 1 for FLUX (its T5 gives the prompt sequence)"
+            )
+        set_sequence_length(pipe, n)
+        if "image_size" in settings:
+            if settings["image_size"] % (2 * pipe.vae_scale_factor):
+                raise DiffalignError(
+                    f"{model}: image_size must be a multiple of {2 * pipe.vae_scale_factor} (FLUX packs 2x2 latents), "
+                    f"got {settings['image_size']}"
+                )
+            pipe.default_sample_size = settings["image_size"] // pipe.vae_scale_factor
     pipe.to(device)
     modules = (backbone(pipe), pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     for module in modules + (getattr(pipe, "text_encoder_3", None),):
@@ -211,8 +234,9 @@ def load_pipeline(
 def read_settings(directory: str | os.PathLike) -> dict[str, Any]:
     """The checked :data:`SETTINGS_FILE` of a pipeline directory (``{}`` when it has none).
 
-    Known keys: ``max_sequence_length`` (int in [0, 512]). A file that is not a JSON object, an unknown
-    key or a bad value is a one-line :class:`DiffalignError`.
+    Known keys: ``max_sequence_length`` (int in [0, 512]) and ``image_size`` (FLUX's default image side in
+    pixels, int in [1, 4096]). A file that is not a JSON object, an unknown key or a bad value is a one-line
+    :class:`DiffalignError`.
     """
     path = Path(directory) / SETTINGS_FILE
     if not path.is_file():
@@ -223,47 +247,54 @@ def read_settings(directory: str | os.PathLike) -> dict[str, Any]:
         raise DiffalignError(f"{path} is not readable JSON ({type(exc).__name__}); fix or delete it") from None
     if not isinstance(settings, dict):
         raise DiffalignError(f'{path} must hold a JSON object such as {{"max_sequence_length": 0}}')
-    unknown = sorted(set(settings) - {"max_sequence_length"})
+    unknown = sorted(set(settings) - {"max_sequence_length", "image_size"})
     if unknown:
-        raise DiffalignError(f"{path}: unknown setting {unknown[0]!r}; known: max_sequence_length")
+        raise DiffalignError(f"{path}: unknown setting {unknown[0]!r}; known: max_sequence_length, image_size")
     n = settings.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 512:
         raise DiffalignError(f"{path}: max_sequence_length must be an integer in [0, 512], got {n!r}")
+    size = settings.get("image_size", 1024)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
+        raise DiffalignError(f"{path}: image_size must be an integer in [1, 4096], got {size!r}")
     return settings
 
 
 def set_sequence_length(pipe, n: int) -> None:
-    """Make :func:`encode_prompts` and :func:`draw_images` give SD3's T5 part ``n`` tokens (0: CLIP tokens only)."""
+    """Make :func:`encode_prompts` and :func:`draw_images` give the T5 part ``n`` tokens (SD3: 0 is CLIP tokens only)."""
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 512:
         raise DiffalignError(f"max_sequence_length must be an integer in [0, 512], got {n!r}")
     pipe.diffalign_max_sequence_length = n
 
 
 def sequence_length(pipe) -> int:
-    """The T5 sequence length SD3 prompts are encoded with: the pipeline's ``diffalign.json`` setting
-    (:func:`set_sequence_length`), else diffusers' default 256."""
-    return int(getattr(pipe, "diffalign_max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
+    """The T5 sequence length SD3 / FLUX prompts are encoded with: the pipeline's ``diffalign.json`` setting
+    (:func:`set_sequence_length`), else diffusers' default (256 for SD3, 512 for FLUX)."""
+    default = FLUX_MAX_SEQUENCE_LENGTH if family_of(pipe) == "flux" else DEFAULT_MAX_SEQUENCE_LENGTH
+    return int(getattr(pipe, "diffalign_max_sequence_length", default))
 
 
 def family_of(pipe) -> str:
-    """'sd', 'sdxl' or 'sd3'."""
-    if getattr(pipe, "transformer", None) is not None:
-        return "sd3"
+    """'sd', 'sdxl', 'sd3' or 'flux' (a FLUX transformer is recognized by its ``guidance_embeds`` config)."""
+    from diffalign.sampling import is_flux_transformer
+
+    net = getattr(pipe, "transformer", None)
+    if net is not None:
+        return "flux" if is_flux_transformer(net) else "sd3"
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
 
 
 def backbone_name(pipe) -> str:
-    """The pipeline attribute of its denoising network: ``"unet"`` (SD, SDXL) or ``"transformer"`` (SD3)."""
+    """The pipeline attribute of its denoising network: ``"unet"`` (SD, SDXL) or ``"transformer"`` (SD3, FLUX)."""
     return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
 
 
 def backbone(pipe) -> torch.nn.Module:
-    """The denoising network that carries the LoRA: the UNet, or SD3's MMDiT transformer."""
+    """The denoising network that carries the LoRA: the UNet, or SD3's MMDiT / FLUX's transformer."""
     return getattr(pipe, backbone_name(pipe))
 
 
 def sampler_kind(pipe) -> str:
-    """The step rule this pipeline samples with: ``"ddim"`` (UNet families) or ``"flow"`` (SD3)."""
+    """The step rule this pipeline samples with: ``"ddim"`` (UNet families) or ``"flow"`` (SD3, FLUX)."""
     return SAMPLER_KINDS[family_of(pipe)]
 
 
@@ -274,12 +305,38 @@ def pipeline_sampler_kind(model: str) -> str:
     return SAMPLER_KINDS.get(FAMILIES.get(pipeline_class_name(model), "sd"), "ddim")
 
 
+def flow_mu(pipe, size: tuple[int, int] | None = None) -> float | None:
+    """FLUX's resolution-dependent shift ``mu`` for images of ``size`` (default :func:`default_size`), as
+    ``FluxPipeline`` computes it: :func:`diffalign.sampling.flow_shift_mu` of the image sequence length
+    ``(H / 2f) (W / 2f)`` (packed 2x2 latent tokens, f the VAE factor). Given to the flow sampler it also selects
+    FluxPipeline's grid ``sigmas = linspace(1, 1/N, N)`` (which a scheduler without dynamic shifting, as
+    FLUX-schnell's, shifts statically). ``None`` for the other families (SD3 sets its grid from the step count)."""
+    from diffalign.sampling import flow_shift_mu
+
+    if family_of(pipe) != "flux":
+        return None
+    h, w = size if size else default_size(pipe)
+    step = 2 * pipe.vae_scale_factor
+    return flow_shift_mu(pipe.scheduler.config, (h // step) * (w // step))
+
+
+def pipeline_sampler(pipe, steps: int, size: tuple[int, int] | None = None, device=None):
+    """The :class:`diffalign.sampling.Sampler` over ``pipe.scheduler`` with its grid set to ``steps`` steps for
+    images of ``size`` (default :func:`default_size`): FLUX's dynamic shift ``mu`` (:func:`flow_mu`) is given to
+    the flow sampler, so the grid is ``FluxPipeline``'s for that size."""
+    from diffalign.sampling import make_sampler
+
+    sampler = make_sampler(pipe.scheduler, mu=flow_mu(pipe, size))
+    sampler.set_steps(steps, device=device)
+    return sampler
+
+
 # --------------------------------------------------------------------------------------------- prompts
 @dataclass
 class Conditioning:
     """Text conditioning of a batch: what :func:`diffalign.sampling.make_denoiser` takes.
 
-    ``added_cond``: SDXL's ``text_embeds`` and ``time_ids``, or SD3's ``pooled_projections``.
+    ``added_cond``: SDXL's ``text_embeds`` and ``time_ids``, or SD3's / FLUX's ``pooled_projections``.
     """
 
     cond: torch.Tensor
@@ -297,7 +354,13 @@ class Conditioning:
 
 
 def default_size(pipe) -> tuple[int, int]:
-    size = backbone(pipe).config.sample_size * pipe.vae_scale_factor
+    """(height, width) in pixels that the pipeline draws by default: the backbone's ``sample_size`` times the
+    VAE factor; FLUX (no ``sample_size``): ``default_sample_size`` times it (1024, or ``diffalign.json``'s
+    ``image_size``)."""
+    if family_of(pipe) == "flux":
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+    else:
+        size = backbone(pipe).config.sample_size * pipe.vae_scale_factor
     return size, size
 
 
@@ -307,6 +370,10 @@ def encode_prompts(pipe, prompts: list[str], negative_prompt: str | None = None,
     SD3: the joint sequence of both CLIPs' penultimate states (concatenated, zero-padded to the T5 width)
     and T5's states (:func:`sequence_length` tokens, zeros when the pipeline has no ``text_encoder_3``), plus the pooled CLIP projections
     as ``added_cond["pooled_projections"]``; the unconditional half encodes the negative prompt ("" by default).
+
+    FLUX: T5's states (:func:`sequence_length` tokens) and CLIP's pooled output as ``pooled_projections``;
+    no unconditional half (FLUX-dev's guidance is an embedding of the scale, not CFG; ``negative_prompt``
+    and ``guidance`` are ignored), as ``FluxPipeline`` with its default ``true_cfg_scale=1``.
     """
     if not prompts or any(not isinstance(p, str) for p in prompts):
         raise DiffalignError("prompts must be a non-empty list of strings")
@@ -316,6 +383,15 @@ def encode_prompts(pipe, prompts: list[str], negative_prompt: str | None = None,
     if family == "sd":
         cond, uncond = pipe.encode_prompt(prompts, device, 1, guidance, negative_prompt=neg)
         return Conditioning(cond, uncond if guidance else None)
+    if family == "flux":
+        cond, pooled, _ = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            device=device,
+            num_images_per_prompt=1,
+            max_sequence_length=sequence_length(pipe),
+        )
+        return Conditioning(cond, None, {"pooled_projections": pooled}, None)
     if family == "sd3":
         cond, uncond, pooled, neg_pooled = pipe.encode_prompt(
             prompt=prompts,
@@ -359,6 +435,8 @@ def draw_images(
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
     # the flow pipelines' own sampler is the deterministic Euler ODE; it takes no eta
     extra = {"eta": eta} if sampler_kind(pipe) == "ddim" else {"max_sequence_length": sequence_length(pipe)}
+    if size is None and family_of(pipe) == "flux":
+        size = default_size(pipe)
     return pipe(
         prompt=list(prompts),
         negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
@@ -375,12 +453,22 @@ def draw_images(
 def initial_latents(
     pipe, batch: int, generator=None, height: int | None = None, width: int | None = None
 ) -> torch.Tensor:
-    """x_T drawn as the diffusers pipeline draws it (same generator -> same latents)."""
+    """x_T drawn as the diffusers pipeline draws it (same generator -> same latents).
+
+    FLUX: unpacked, ``[B, in_channels / 4, H / f, W / f]``, the values ``FluxPipeline.prepare_latents`` draws
+    before packing them 2x2 into tokens (the denoiser packs them, :func:`diffalign.sampling.make_denoiser`).
+    """
     from diffusers.utils.torch_utils import randn_tensor
 
     h, w = (height, width) if height else default_size(pipe)
     net = backbone(pipe)
-    shape = (batch, net.config.in_channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
+    channels = net.config.in_channels
+    if family_of(pipe) == "flux":
+        step = 2 * pipe.vae_scale_factor
+        if h % step or w % step:
+            raise DiffalignError(f"FLUX image sizes must be multiples of {step} (2x2 latent packing), got {h}x{w}")
+        channels //= 4
+    shape = (batch, channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
     latents = randn_tensor(shape, generator=generator, device=net.device, dtype=net.dtype)
     sigma = getattr(pipe.scheduler, "init_noise_sigma", None)  # flow-matching schedulers start at N(0, I)
     return latents if sigma is None else latents * sigma
@@ -392,7 +480,7 @@ class LoraSettings:
     """LoRA on the denoising network's attention projections (peft). ``alpha / rank`` scales the update.
 
     ``target_modules: null`` (the default) takes the family's default (:func:`default_targets`): the
-    UNet's attention projections, or for SD3 also the joint attention's context-stream projections.
+    UNet's attention projections, or for SD3 and FLUX also the joint attention's context-stream projections.
     """
 
     rank: int = 4
@@ -413,11 +501,13 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # SD3's joint attention: the image stream (to_q/k/v/out) and the text stream (add_*_proj, to_add_out), as Flow-GRPO
 SD3_TARGETS = UNET_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# FLUX: the same names; the double-stream blocks have all eight, the single-stream blocks to_q/k/v
+FLUX_TARGETS = list(SD3_TARGETS)
 
 
 def default_targets(family: str) -> list[str]:
-    """The LoRA target modules of ``model.lora.target_modules: null`` for a family ('sd', 'sdxl', 'sd3')."""
-    return list(SD3_TARGETS if family == "sd3" else UNET_TARGETS)
+    """The LoRA target modules of ``model.lora.target_modules: null`` for a family ('sd', 'sdxl', 'sd3', 'flux')."""
+    return list({"sd3": SD3_TARGETS, "flux": FLUX_TARGETS}.get(family, UNET_TARGETS))
 
 
 def _peft_config(settings: LoraSettings, targets: list[str]):
@@ -434,8 +524,9 @@ def _peft_config(settings: LoraSettings, targets: list[str]):
 
 
 def _text_encoders(pipe) -> list[tuple[str, torch.nn.Module]]:
+    """The CLIP text encoders that may carry LoRA (FLUX: its CLIP only, not T5, as diffusers' FLUX LoRA loader)."""
     out = [("text_encoder", pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
+    if getattr(pipe, "text_encoder_2", None) is not None and family_of(pipe) != "flux":
         out.append(("text_encoder_2", pipe.text_encoder_2))
     return out
 
@@ -455,7 +546,7 @@ def attach_text_encoder_lora(text_encoder: torch.nn.Module, config: Any, adapter
 
 
 def add_lora(pipe, settings: LoraSettings) -> list[torch.nn.Parameter]:
-    """Inject trainable LoRA adapters (name "default") into the backbone (UNet or SD3 transformer, through
+    """Inject trainable LoRA adapters (name "default") into the backbone (UNet, SD3 or FLUX transformer, through
     diffusers' ``add_adapter``) and optionally the CLIP text encoders; return their parameters (fp32)."""
     targets = list(settings.target_modules) if settings.target_modules else default_targets(family_of(pipe))
     try:
@@ -753,8 +844,14 @@ def _load_lora_file(pipe, file: Path, adapter_name: str) -> None:
             net_state, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe
         )
     else:
+        alphas = {"network_alphas": None} if family_of(pipe) == "flux" else {}  # FLUX's loader requires the argument
         type(pipe).load_lora_into_transformer(
-            net_state, transformer=pipe.transformer, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe
+            net_state,
+            transformer=pipe.transformer,
+            adapter_name=adapter_name,
+            metadata=metadata,
+            _pipeline=pipe,
+            **alphas,
         )
     fields = set(LoraConfig.__dataclass_fields__) - {"peft_type", "task_type", "base_model_name_or_path", "revision"}
     for name, te in _text_encoders(pipe):

@@ -258,12 +258,11 @@ def _sample_pairs(args, pipe, prompts, rewards, save, samples, out):
     """``--pairs``: per prompt, n/2 pairs from shared x_T (its own seeded generator), chains saved."""
     import torch
 
-    from diffalign.pipelines import backbone, encode_prompts, initial_latents
-    from diffalign.sampling import decode_latents, make_denoiser, make_sampler, sample_trajectory
+    from diffalign.pipelines import backbone, encode_prompts, initial_latents, pipeline_sampler
+    from diffalign.sampling import decode_latents, make_denoiser, sample_trajectory
 
     (out / "trajectories").mkdir(exist_ok=True)
-    sampler = make_sampler(pipe.scheduler)
-    sampler.set_steps(args.steps, device=backbone(pipe).device)
+    sampler = pipeline_sampler(pipe, args.steps, device=backbone(pipe).device)
     half = args.n // 2
     rows, labels = [], []
     for i, prompt in enumerate(prompts):

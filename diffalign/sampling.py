@@ -15,7 +15,7 @@ A :class:`Sampler` owns the timestep grid and the step rule; :class:`DDIMSampler
 :func:`sample_differentiable` take a :class:`Sampler` or a diffusers scheduler, which
 :func:`make_sampler` wraps, so a new sampler (a flow-matching SDE step) is one :class:`Sampler`
 subclass plus :func:`register_sampler`, with no change to any method: :class:`FlowMatchSampler`
-(rectified flow, SD3: the Euler ODE and Flow-GRPO's SDE, :func:`flow_sde_step`) was added that way.
+(rectified flow, SD3 and FLUX: the Euler ODE and Flow-GRPO's SDE, :func:`flow_sde_step`) was added that way.
 
 Symbols (DDIM, Song et al. 2021, arXiv 2010.02502, Eq. 12; DDPO, Black et al. 2023, arXiv 2305.13301):
 
@@ -229,15 +229,21 @@ def make_denoiser(
     added_uncond: dict[str, torch.Tensor] | None = None,
     guidance_rescale: float = 0.0,
 ) -> Denoiser:
-    """``denoise(x, t)`` for a diffusers UNet or SD3 transformer: one batched forward on [uncond; cond] when guiding.
+    """``denoise(x, t)`` for a diffusers UNet, SD3 or FLUX transformer: one batched forward on [uncond; cond] when guiding.
 
     ``added_cond`` carries SDXL's ``text_embeds`` and ``time_ids`` (per batch row), or SD3's
     ``pooled_projections``. An SD3 transformer (``SD3Transformer2DModel``, the network is recognized by
     its ``pooled_projection_dim``) is called as ``StableDiffusion3Pipeline`` calls it, with the flow
     timestep ``t = 1000 sigma``; guidance is the same ``e_u + w (e_c - e_u)`` on the velocity (SD3 applies
     no guidance rescale, so ``guidance_rescale`` should stay 0 there).
+
+    A FLUX transformer (:func:`is_flux_transformer`) is called as ``FluxPipeline`` calls it
+    (:func:`_make_flux_denoiser`): ``x`` stays ``[B, C, H, W]`` and is packed into 2x2 tokens for the call;
+    ``guidance_scale`` is FLUX-dev's distilled guidance embedding, not CFG.
     """
     guide = uncond is not None and guidance_scale != 1.0
+    if is_flux_transformer(unet):
+        return _make_flux_denoiser(unet, cond, uncond, guidance_scale, added_cond, added_uncond)
     if getattr(getattr(unet, "config", None), "pooled_projection_dim", None) is not None:
         return _make_transformer_denoiser(unet, cond, uncond, guidance_scale, added_cond, added_uncond, guide)
 
@@ -292,6 +298,74 @@ def _make_transformer_denoiser(
         )[0]
         v_u, v_c = out.chunk(2)
         return cfg_combine(v_u, v_c, guidance_scale)
+
+    return denoise
+
+
+def is_flux_transformer(net: torch.nn.Module) -> bool:
+    """Is ``net`` a FLUX transformer (``FluxTransformer2DModel``: its config has ``guidance_embeds``)?"""
+    return getattr(getattr(net, "config", None), "guidance_embeds", None) is not None
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """FLUX's 2x2 packing ``[B, C, H, W] -> [B, (H/2)(W/2), 4C]`` (``FluxPipeline._pack_latents``)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents`: ``[B, (H/2)(W/2), 4C] -> [B, C, H, W]`` for latent size ``H x W``."""
+    b, _, c4 = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, height, width)
+
+
+def flux_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """FLUX's positions of the packed image tokens ``[(H/2)(W/2), 3]``: (0, row, column) for latent size H x W
+    (``FluxPipeline._prepare_latent_image_ids``)."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(height // 2)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def _make_flux_denoiser(
+    transformer: torch.nn.Module,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    guidance_scale: float,
+    added_cond: dict[str, torch.Tensor] | None,
+    added_uncond: dict[str, torch.Tensor] | None,
+) -> Denoiser:
+    """``denoise(x, t)`` of a FLUX transformer, as ``FluxPipeline.__call__`` calls it: ``x`` [B, C, H, W] packed
+    into tokens (:func:`pack_latents`), ``timestep = t / 1000``, ``guidance`` = the scale for every row when the
+    model has a guidance embedding (FLUX-dev; FLUX-schnell has none), CLIP's ``pooled_projections``, T5's
+    ``encoder_hidden_states`` with zero ``txt_ids``, the image tokens' ``img_ids``; the velocity unpacked.
+    FLUX has no CFG here (``uncond`` must be None: FluxPipeline's true CFG is not supported)."""
+    if not added_cond or "pooled_projections" not in added_cond:
+        raise DiffalignError("a FLUX transformer needs pooled_projections (encode prompts with encode_prompts)")
+    if uncond is not None:
+        raise DiffalignError("FLUX samples with its guidance embedding, not CFG: encode prompts without an uncond half")
+    del added_uncond
+    pooled = added_cond["pooled_projections"]
+    text_ids = torch.zeros(cond.shape[1], 3, device=cond.device, dtype=cond.dtype)
+    embeds = bool(transformer.config.guidance_embeds)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b).to(x.dtype)
+        guidance = torch.full([1], guidance_scale, device=x.device, dtype=torch.float32).expand(b) if embeds else None
+        out = transformer(
+            hidden_states=pack_latents(x),
+            timestep=t / 1000,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=cond,
+            txt_ids=text_ids,
+            img_ids=flux_image_ids(h, w, x.device, x.dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, h, w)
 
     return denoise
 
@@ -482,16 +556,66 @@ def flow_sde_step(
     return StepOutput(prev_sample.to(out_dtype), log_prob, mean, std, x0, dt=dt)
 
 
+def flow_shift_mu(config: Any, image_seq_len: int) -> float:
+    """FLUX's resolution-dependent shift ``mu`` (diffusers' ``calculate_shift``): linear in the number of
+    image tokens, ``base_shift`` at ``base_image_seq_len`` and ``max_shift`` at ``max_image_seq_len`` of the
+    scheduler ``config`` (defaults 0.5 at 256 and 1.15 at 4096, as FluxPipeline)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    b = base_shift - m * base_len
+    return image_seq_len * m + b
+
+
 class FlowMatchSampler(SchedulerSampler):
-    """Rectified-flow sampling over a diffusers ``FlowMatchEulerDiscreteScheduler`` (SD3 / SD3.5).
+    """Rectified-flow sampling over a diffusers ``FlowMatchEulerDiscreteScheduler`` (SD3 / SD3.5, FLUX).
 
     The grid is the scheduler's (``timesteps = 1000 sigma``, sigma from 1 to the last value before 0,
     shifted as configured); ``eta`` of :meth:`step` is Flow-GRPO's noise level a: :func:`flow_sde_step`
     (a > 0, a Gaussian policy per step with log-prob, spec §6.1) or the Euler ODE step (a = 0, what
-    ``StableDiffusion3Pipeline`` samples). The network sees ``x_t`` unscaled; x_T ~ N(0, I).
+    ``StableDiffusion3Pipeline`` and ``FluxPipeline`` sample). The network sees ``x_t`` unscaled; x_T ~ N(0, I).
+
+    ``mu`` (FLUX; :func:`flow_shift_mu`, :func:`diffalign.pipelines.flow_mu`) selects FluxPipeline's grid:
+    :meth:`set_steps` sets ``sigmas = linspace(1, 1/N, N)``, shifted by ``mu`` when the scheduler uses dynamic
+    shifting (FLUX-dev), else by its static ``shift`` (FLUX-schnell). Without ``mu`` the grid is
+    ``set_timesteps(N)`` (SD3); a scheduler with ``use_dynamic_shifting`` then refuses, in one line.
     """
 
     kind = "flow"
+
+    def __init__(self, scheduler, logprob_reduction: Literal["mean", "sum"] = "mean", mu: float | None = None) -> None:
+        super().__init__(scheduler, logprob_reduction)
+        self.mu = mu
+
+    @property
+    def shift(self) -> float:
+        """The static shift s of the grid, ``sigma -> s sigma / (1 + (s - 1) sigma)``: the scheduler's ``shift``, or
+        with dynamic shifting the one :attr:`mu` amounts to (``exp(mu)``; ``mu`` for ``time_shift_type`` linear)."""
+        cfg = self.scheduler.config
+        if not cfg.get("use_dynamic_shifting", False) or self.mu is None:
+            return float(cfg.get("shift", 1.0))
+        return math.exp(self.mu) if cfg.get("time_shift_type", "exponential") == "exponential" else float(self.mu)
+
+    def set_steps(self, num_steps: int, device: str | torch.device | None = None) -> None:
+        """``num_steps`` steps: FluxPipeline's grid when :attr:`mu` is set, else the scheduler's ``set_timesteps``."""
+        dynamic = self.scheduler.config.get("use_dynamic_shifting", False)
+        if self.mu is None and not dynamic:
+            self.scheduler.set_timesteps(num_steps, device=device)
+            return
+        if self.mu is None:
+            raise DiffalignError(
+                "this flow scheduler shifts by image size (use_dynamic_shifting): give the sampler the shift mu "
+                "(diffalign.pipelines.pipeline_sampler(pipe, steps), or make_sampler(scheduler, mu=...))"
+            )
+        import numpy as np
+
+        sigmas = (
+            None if self.scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+        )
+        if sigmas is None:
+            self.scheduler.set_timesteps(num_steps, device=device, mu=self.mu)
+        else:
+            self.scheduler.set_timesteps(sigmas=sigmas, device=device, mu=self.mu)
 
     def sigmas(self, t: int | float | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigma, sigma') of the grid step at timestep(s) ``t``, shaped [B, 1, ...] like ``like``, float32."""
@@ -542,16 +666,24 @@ def register_sampler(scheduler_class: str, factory: Callable[[Any], Sampler]) ->
     _SAMPLERS[scheduler_class] = factory
 
 
-def make_sampler(scheduler) -> Sampler:
+def make_sampler(scheduler, mu: float | None = None) -> Sampler:
     """The :class:`Sampler` for a diffusers scheduler (a :class:`Sampler` is returned as it is).
 
-    Raises a one-line :class:`DiffalignError` naming the supported schedulers for any other.
+    ``mu``: the dynamic shift of a flow scheduler with ``use_dynamic_shifting`` (FLUX, :class:`FlowMatchSampler`),
+    given to the sampler. Raises a one-line :class:`DiffalignError` naming the supported schedulers for any other.
     """
     if isinstance(scheduler, Sampler):
+        if mu is not None:
+            scheduler.mu = mu
         return scheduler
     for cls in type(scheduler).__mro__:
         if cls.__name__ in _SAMPLERS:
-            return _SAMPLERS[cls.__name__](scheduler)
+            sampler = _SAMPLERS[cls.__name__](scheduler)
+            if mu is not None:
+                if not hasattr(sampler, "mu"):
+                    raise DiffalignError(f"the {type(sampler).__name__} takes no dynamic shift mu")
+                sampler.mu = mu
+            return sampler
     raise DiffalignError(
         f"diffalign has no sampler for {type(scheduler).__name__}; supported schedulers: "
         f"{', '.join(sorted(_SAMPLERS))} (load the pipeline with scheduler='ddim', or an SD3 pipeline as shipped)"

@@ -139,12 +139,15 @@ class Rollout:
     """The :class:`diffalign.methods.StepContext` of this trainer: sampling, rewards, backward, updates."""
 
     def __init__(self, trainer: Trainer) -> None:
+        from diffalign.pipelines import flow_mu
+
         t = trainer
         self.trainer, self.acc, self.pipe, self.cfg = t, t.acc, t.pipe, t.cfg
         self.sample = t.cfg.sample
         self.scheduler = t.pipe.scheduler
-        self.scheduler.set_timesteps(self.sample.steps)
-        self.sampler = make_sampler(self.scheduler)  # an unsupported scheduler fails here, in one line
+        # an unsupported scheduler fails here, in one line; FLUX's dynamic shift is set for the default size
+        self.sampler = make_sampler(self.scheduler, mu=flow_mu(t.pipe))
+        self.sampler.set_steps(self.sample.steps)
         self.generator, self.rng = t.generator, t.rng
         self.checkpointing = t.cfg.model.gradient_checkpointing
         self.step = 0

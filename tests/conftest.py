@@ -36,3 +36,11 @@ def sd3_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_sd3")
     build_sd3(tmp).save_pretrained(tmp / "pipe")
     return tmp / "pipe"
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory):
+    """A tiny FLUX-dev-shaped pipeline (guidance embedding, T5 + CLIP, dynamic shifting), 16x16 images."""
+    from tiny import save_flux
+
+    return save_flux(tmp_path_factory.mktemp("tiny_flux"))

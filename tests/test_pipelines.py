@@ -173,10 +173,10 @@ def test_loader_errors(tmp_path, monkeypatch):
         load_pipeline(str(tmp_path / "empty"))
     with pytest.raises(DiffalignError, match="could not load pipeline 'someone/not-here' from the Hugging Face Hub"):
         load_pipeline("someone/not-here")
-    (tmp_path / "flux").mkdir()
-    (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(DiffalignError, match="holds a FluxPipeline pipeline; diffalign supports"):
-        load_pipeline(str(tmp_path / "flux"))
+    (tmp_path / "pixart").mkdir()  # a pipeline class diffalign does not support
+    (tmp_path / "pixart" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    with pytest.raises(DiffalignError, match="holds a PixArtAlphaPipeline pipeline; diffalign supports"):
+        load_pipeline(str(tmp_path / "pixart"))
 
 
 def test_bad_options(sd_dir):

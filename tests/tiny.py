@@ -184,3 +184,118 @@ def build_sd3(tmp: Path, seed: int = 0):
         text_encoder_3=None,
         tokenizer_3=None,
     )
+
+
+def tiny_t5_tokenizer(max_length: int = 512):
+    """A T5 tokenizer (``T5TokenizerFast``) over the shapes world, built in code: a ``tokenizers`` Unigram model
+    whose pieces are the world's words (``▁red``) and single characters, T5's specials (``<pad>`` 0, ``</s>`` 1,
+    ``<unk>`` 2) and its ``$A </s>`` post-processor; it saves as ``tokenizer.json`` and reloads offline."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    from diffalign.shapes.tokenizer import WORDS
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("▁" + w, -float(i)) for i, w in enumerate(WORDS)]
+    vocab += [("▁", -50.0)] + [(c, -60.0) for c in string.ascii_lowercase + string.digits + ".,"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=max_length,
+    )
+
+
+def build_flux(tmp: Path, seed: int = 0, schnell: bool = False):
+    """FluxPipeline: a one double-stream + one single-stream block FLUX transformer on 4-channel latents (packed 2x2
+    into 16-wide tokens), a CLIP (pooled projections) and a tiny T5 (the sequence), and FLUX-dev's scheduler with
+    dynamic shifting and its distilled guidance embedding; ``schnell``: FLUX-schnell's shape instead (no guidance
+    embedding, a static shift of 1).
+    The VAE has FLUX's kind of scaling and shift factors. Images are 16x16 at 8x8 latents: 16 image tokens."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_tokenizer(tmp)
+    t5_tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=not schnell,
+        axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=16,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0 if schnell else 3.0,
+        use_dynamic_shifting=not schnell,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=_text_encoder(tokenizer, seed=seed),
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
+def save_flux(tmp: Path, seed: int = 0, schnell: bool = False, max_sequence_length: int = 16) -> Path:
+    """:func:`build_flux` saved at ``tmp/pipe`` with a ``diffalign.json`` giving the default image size (16)
+    and the T5 sequence length."""
+    import json
+
+    pipe = build_flux(tmp, seed, schnell)
+    pipe.save_pretrained(tmp / "pipe")
+    settings = {"max_sequence_length": max_sequence_length, "image_size": 16}
+    (tmp / "pipe" / "diffalign.json").write_text(json.dumps(settings))
+    return tmp / "pipe"

@@ -199,7 +199,9 @@ class NFT(GRPO):
             t = traj.timesteps[steps[idx, j].to(traj.timesteps.device)].to(like.device)
             sigma = ctx.sampler.sigmas(t, like)[0].reshape(-1)
             return sigma, t
-        shift = float(getattr(ctx.sampler.scheduler.config, "shift", 1.0))
+        # the flow sampler's shift (FLUX: the one its dynamic shift mu amounts to), else the scheduler's
+        shift = getattr(ctx.sampler, "shift", None)
+        shift = float(getattr(ctx.sampler.scheduler.config, "shift", 1.0) if shift is None else shift)
         sigma = draw_train_sigmas(len(idx), self.cfg.train_t_dist, shift, ctx.generator).to(like.device)
         return sigma, sigma * 1000
 

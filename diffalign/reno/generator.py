@@ -29,19 +29,20 @@ from diffalign.errors import DiffalignError
 from diffalign.reno.core import RenoConfig
 
 
-def reno_scheduler(pipe, num_steps: int):
+def reno_scheduler(pipe, num_steps: int, size: tuple[int, int] | None = None):
     """The generator's step rule, set to ``num_steps``; the pipeline's own scheduler is left untouched.
 
     UNet pipelines: a DDIM scheduler with trailing timesteps from the pipeline's scheduler config
     (trailing spacing starts at ``t = 999``, pure noise, as SD-Turbo and SDXL-Turbo sample). Flow
-    pipelines: the flow sampler on a copy of the shipped flow-matching scheduler (its shift included).
+    pipelines: the flow sampler on a copy of the shipped flow-matching scheduler (its shift included; FLUX's
+    dynamic shift for images of ``size``, default the pipeline's).
     """
-    from diffalign.pipelines import backbone, sampler_kind
+    from diffalign.pipelines import backbone, flow_mu, sampler_kind
 
     if sampler_kind(pipe) == "flow":
         from diffalign.sampling import make_sampler
 
-        sampler = make_sampler(type(pipe.scheduler).from_config(pipe.scheduler.config))
+        sampler = make_sampler(type(pipe.scheduler).from_config(pipe.scheduler.config), mu=flow_mu(pipe, size))
         sampler.set_steps(num_steps)
         return sampler
     from diffusers import DDIMScheduler
@@ -119,7 +120,7 @@ def make_generator(pipe, prompt: str, cfg: RenoConfig) -> Callable[[torch.Tensor
     size = (cfg.size, cfg.size) if cfg.size else default_size(pipe)
     if size[0] % pipe.vae_scale_factor:
         raise DiffalignError(f"reno: size {size[0]} must be a multiple of the VAE factor {pipe.vae_scale_factor}")
-    sched = reno_scheduler(pipe, cfg.num_steps)
+    sched = reno_scheduler(pipe, cfg.num_steps, size)
     with torch.no_grad():
         cond = conditioning(pipe, prompt, cfg.guidance_scale > 1.0, size)
     net = backbone(pipe)
