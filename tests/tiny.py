@@ -37,7 +37,9 @@ def _text_encoder(tokenizer, hidden: int = 32, projection: bool = False, seed: i
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
-def _vae(seed: int = 0):
+def _vae(seed: int = 0, **flow: float | bool):
+    """The tiny VAE (4 latent channels); ``flow``: the flow families' ``scaling_factor``, ``shift_factor`` and
+    ``use_quant_conv`` / ``use_post_quant_conv`` (False)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -50,6 +52,18 @@ def _vae(seed: int = 0):
         latent_channels=4,
         norm_num_groups=2,
         sample_size=16,
+        **flow,
+    )
+
+
+def _flow_vae(scaling_factor: float, shift_factor: float, seed: int):
+    """:func:`_vae` with a flow family's scaling and shift factors and no quant convs (SD3, FLUX)."""
+    return _vae(
+        seed,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
 
 
@@ -137,7 +151,6 @@ def build_sd3(tmp: Path, seed: int = 0):
     path). The VAE has a shift factor, as SD3's does, so decoding checks it.
     """
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -158,21 +171,7 @@ def build_sd3(tmp: Path, seed: int = 0):
         pooled_projection_dim=64,
         pos_embed_max_size=16,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(4, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=16,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = _flow_vae(1.5305, 0.0609, seed)  # SD3's scaling and shift factors
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -223,7 +222,7 @@ def build_flux(tmp: Path, seed: int = 0, schnell: bool = False):
     dynamic shifting and its distilled guidance embedding; ``schnell``: FLUX-schnell's shape instead (no guidance
     embedding, a static shift of 1).
     The VAE has FLUX's kind of scaling and shift factors. Images are 16x16 at 8x8 latents: 16 image tokens."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = tiny_tokenizer(tmp)
@@ -255,21 +254,7 @@ def build_flux(tmp: Path, seed: int = 0, schnell: bool = False):
             eos_token_id=1,
         )
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(4, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=16,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = _flow_vae(0.3611, 0.1159, seed)  # FLUX's scaling and shift factors
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=1.0 if schnell else 3.0,
         use_dynamic_shifting=not schnell,
