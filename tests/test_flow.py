@@ -21,6 +21,7 @@ from diffalign.pipelines import (
     load_lora,
     load_pipeline,
     lora_parameters,
+    pipeline_sampler,
     sampler_kind,
     save_lora,
 )
@@ -40,16 +41,20 @@ PROMPTS = ["a red circle", "two blue squares"]
 STEPS, CFG, SEED = 6, 4.5, 123
 
 
-def our_images(pipe, prompts=PROMPTS, seed=SEED, steps=STEPS):
-    """Our flow sampler at noise level 0 (the Euler ODE): what StableDiffusion3Pipeline draws for the seed."""
+def ode_images(pipe, prompts: list[str], seed: int, steps: int, guidance: float) -> torch.Tensor:
+    """Our flow sampler at noise level 0 (the Euler ODE) on the pipeline's grid (FLUX: its dynamic shift),
+    through our denoiser and decode: what the diffusers pipeline draws for the seed (SD3 and FLUX tests)."""
     with torch.no_grad():
         cond = encode_prompts(pipe, prompts)
         x = initial_latents(pipe, len(prompts), torch.Generator().manual_seed(seed))
-        sampler = make_sampler(pipe.scheduler)
-        sampler.set_steps(steps)
-        denoise = make_denoiser(backbone(pipe), guidance_scale=CFG, **cond.denoiser_kwargs())
-        z, _ = sample_differentiable(denoise, sampler, x, eta=0.0)
+        denoise = make_denoiser(backbone(pipe), guidance_scale=guidance, **cond.denoiser_kwargs())
+        z, _ = sample_differentiable(denoise, pipeline_sampler(pipe, steps), x, eta=0.0)
         return decode(pipe, z)
+
+
+def our_images(pipe, prompts=PROMPTS, seed=SEED, steps=STEPS):
+    """:func:`ode_images` with this file's guidance: what StableDiffusion3Pipeline draws for the seed."""
+    return ode_images(pipe, prompts, seed, steps, CFG)
 
 
 def their_images(pipe, prompts=PROMPTS, seed=SEED, steps=STEPS):

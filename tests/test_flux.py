@@ -9,13 +9,13 @@ import math
 
 import pytest
 import torch
+from test_flow import _randomize_lora, ode_images
 
 from diffalign.errors import DiffalignError
 from diffalign.pipelines import (
     LoraSettings,
     add_lora,
     backbone,
-    decode,
     default_size,
     encode_prompts,
     family_of,
@@ -23,7 +23,6 @@ from diffalign.pipelines import (
     initial_latents,
     load_lora,
     load_pipeline,
-    lora_parameters,
     pipeline_sampler,
     sampler_kind,
     save_lora,
@@ -35,7 +34,6 @@ from diffalign.sampling import (
     make_denoiser,
     make_sampler,
     pack_latents,
-    sample_differentiable,
     sample_trajectory,
     unpack_latents,
 )
@@ -46,13 +44,7 @@ STEPS, GUIDANCE, SEED = 4, 3.5, 123
 
 def our_images(pipe, prompts=PROMPTS, seed=SEED, steps=STEPS):
     """Our flow sampler at noise level 0 (the Euler ODE) with FLUX's dynamic shift for the default size."""
-    with torch.no_grad():
-        cond = encode_prompts(pipe, prompts)
-        x = initial_latents(pipe, len(prompts), torch.Generator().manual_seed(seed))
-        sampler = pipeline_sampler(pipe, steps)
-        denoise = make_denoiser(backbone(pipe), guidance_scale=GUIDANCE, **cond.denoiser_kwargs())
-        z, _ = sample_differentiable(denoise, sampler, x, eta=0.0)
-        return decode(pipe, z)
+    return ode_images(pipe, prompts, seed, steps, GUIDANCE)
 
 
 def their_images(pipe, prompts=PROMPTS, seed=SEED, steps=STEPS):
@@ -68,13 +60,6 @@ def their_images(pipe, prompts=PROMPTS, seed=SEED, steps=STEPS):
         output_type="pt",
         max_sequence_length=16,
     ).images
-
-
-def _randomize_lora(pipe, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(pipe):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def test_flux_loads_as_a_flow_pipeline_with_dynamic_shifting(flux_dir):
