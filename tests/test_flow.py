@@ -220,33 +220,31 @@ def test_off_grid_timestep_and_unset_grid_are_one_line_errors():
         fresh.step(torch.zeros(1, 4, 2, 2), 1000.0, torch.zeros(1, 4, 2, 2))
 
 
-def test_recomputed_log_probs_equal_the_stored_ones_on_the_tiny_sd3(sd3_dir):
-    """Spec §6.1 check 2: a 6-step SDE rollout with CFG and LoRA; every step rescored = the stored log-prob."""
-    pipe = load_pipeline(str(sd3_dir))
+def assert_rescored_log_probs_equal_stored(pipe, steps: int, guidance: float, ks: list[int]) -> None:
+    """An SDE rollout (a = 0.7) with a random LoRA on the pipeline's grid; every step rescored equals the stored
+    log-prob, and so do per-sample timesteps ``ks`` (one per prompt), as GRPO's rescoring draws them."""
     add_lora(pipe, LoraSettings(rank=4, alpha=8))
     _randomize_lora(pipe, seed=3)
-    sampler = make_sampler(pipe.scheduler)
-    sampler.set_steps(STEPS)
+    sampler = pipeline_sampler(pipe, steps)
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         cond = encode_prompts(pipe, PROMPTS)
-        denoise = make_denoiser(backbone(pipe), guidance_scale=CFG, **cond.denoiser_kwargs())
+        denoise = make_denoiser(backbone(pipe), guidance_scale=guidance, **cond.denoiser_kwargs())
         traj = sample_trajectory(denoise, sampler, initial_latents(pipe, 2, gen), eta=0.7, generator=gen)
-        assert traj.log_probs.shape == (2, STEPS) and torch.isfinite(traj.log_probs).all()
+        assert traj.log_probs.shape == (2, steps) and torch.isfinite(traj.log_probs).all()
         for k, t in enumerate(traj.timesteps):
             out = denoise_step(denoise, sampler, traj.latents[:, k], t, 0.7, prev_sample=traj.latents[:, k + 1])
             torch.testing.assert_close(out.log_prob, traj.log_probs[:, k], rtol=0, atol=1e-5)
-        # per-sample timesteps, as GRPO rescoring draws them
-        ks = torch.tensor([1, 4])
+        k, rows = torch.tensor(ks), torch.arange(2)
         out = denoise_step(
-            denoise,
-            sampler,
-            traj.latents[torch.arange(2), ks],
-            traj.timesteps[ks],
-            0.7,
-            prev_sample=traj.latents[torch.arange(2), ks + 1],
+            denoise, sampler, traj.latents[rows, k], traj.timesteps[k], 0.7, prev_sample=traj.latents[rows, k + 1]
         )
-        torch.testing.assert_close(out.log_prob, traj.log_probs[torch.arange(2), ks], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.log_prob, traj.log_probs[rows, k], rtol=0, atol=1e-5)
+
+
+def test_recomputed_log_probs_equal_the_stored_ones_on_the_tiny_sd3(sd3_dir):
+    """Spec §6.1 check 2: a 6-step SDE rollout with CFG and LoRA; every step rescored = the stored log-prob."""
+    assert_rescored_log_probs_equal_stored(load_pipeline(str(sd3_dir)), STEPS, CFG, [1, 4])
 
 
 def test_sde_preserves_the_ode_marginals_and_the_gap_shrinks_with_steps():

@@ -9,32 +9,25 @@ import math
 
 import pytest
 import torch
-from test_flow import _randomize_lora, ode_images
+from test_flow import _randomize_lora, assert_rescored_log_probs_equal_stored, ode_images
 
 from diffalign.errors import DiffalignError
 from diffalign.pipelines import (
     LoraSettings,
     add_lora,
-    backbone,
     default_size,
-    encode_prompts,
     family_of,
     flow_mu,
-    initial_latents,
     load_lora,
     load_pipeline,
-    pipeline_sampler,
     sampler_kind,
     save_lora,
     sequence_length,
 )
 from diffalign.sampling import (
     FlowMatchSampler,
-    denoise_step,
-    make_denoiser,
     make_sampler,
     pack_latents,
-    sample_trajectory,
     unpack_latents,
 )
 
@@ -136,25 +129,7 @@ def test_flux_lora_round_trips_through_plain_diffusers(flux_dir, tmp_path, text_
 
 def test_recomputed_log_probs_equal_the_stored_ones_on_the_tiny_flux(flux_dir):
     """A 4-step SDE rollout on FLUX's shifted grid; every step rescored (also per-sample steps) = the stored log-prob."""
-    pipe = load_pipeline(str(flux_dir))
-    add_lora(pipe, LoraSettings(rank=4, alpha=8))
-    _randomize_lora(pipe, seed=3)
-    sampler = pipeline_sampler(pipe, STEPS)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        cond = encode_prompts(pipe, PROMPTS)
-        denoise = make_denoiser(backbone(pipe), guidance_scale=GUIDANCE, **cond.denoiser_kwargs())
-        traj = sample_trajectory(denoise, sampler, initial_latents(pipe, 2, gen), eta=0.7, generator=gen)
-        assert traj.log_probs.shape == (2, STEPS) and torch.isfinite(traj.log_probs).all()
-        for k, t in enumerate(traj.timesteps):
-            out = denoise_step(denoise, sampler, traj.latents[:, k], t, 0.7, prev_sample=traj.latents[:, k + 1])
-            torch.testing.assert_close(out.log_prob, traj.log_probs[:, k], rtol=0, atol=1e-5)
-        ks = torch.tensor([1, 3])
-        rows = torch.arange(2)
-        out = denoise_step(
-            denoise, sampler, traj.latents[rows, ks], traj.timesteps[ks], 0.7, prev_sample=traj.latents[rows, ks + 1]
-        )
-        torch.testing.assert_close(out.log_prob, traj.log_probs[rows, ks], rtol=0, atol=1e-5)
+    assert_rescored_log_probs_equal_stored(load_pipeline(str(flux_dir)), STEPS, GUIDANCE, [1, 3])
 
 
 def _flux_config(flux_dir, out, method, **sections):
