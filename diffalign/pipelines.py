@@ -450,25 +450,31 @@ def draw_images(
     ).images.cpu()
 
 
-def initial_latents(
-    pipe, batch: int, generator=None, height: int | None = None, width: int | None = None
-) -> torch.Tensor:
-    """x_T drawn as the diffusers pipeline draws it (same generator -> same latents).
-
-    FLUX: unpacked, ``[B, in_channels / 4, H / f, W / f]``, the values ``FluxPipeline.prepare_latents`` draws
-    before packing them 2x2 into tokens (the denoiser packs them, :func:`diffalign.sampling.make_denoiser`).
-    """
-    from diffusers.utils.torch_utils import randn_tensor
-
+def latent_shape(pipe, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, int, int, int]:
+    """The shape ``[B, C, H / f, W / f]`` of the latents our samplers work on for images of ``height x width``
+    (default :func:`default_size`; f the VAE factor). FLUX: unpacked, ``C = in_channels / 4`` (the denoiser
+    packs them 2x2 into tokens, :func:`diffalign.sampling.make_denoiser`), sizes multiples of ``2 f``."""
     h, w = (height, width) if height else default_size(pipe)
-    net = backbone(pipe)
-    channels = net.config.in_channels
+    channels = backbone(pipe).config.in_channels
     if family_of(pipe) == "flux":
         step = 2 * pipe.vae_scale_factor
         if h % step or w % step:
             raise DiffalignError(f"FLUX image sizes must be multiples of {step} (2x2 latent packing), got {h}x{w}")
         channels //= 4
-    shape = (batch, channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
+    return batch, channels, h // pipe.vae_scale_factor, w // pipe.vae_scale_factor
+
+
+def initial_latents(
+    pipe, batch: int, generator=None, height: int | None = None, width: int | None = None
+) -> torch.Tensor:
+    """x_T drawn as the diffusers pipeline draws it (same generator -> same latents), shaped :func:`latent_shape`.
+
+    FLUX: unpacked, the values ``FluxPipeline.prepare_latents`` draws before packing them 2x2 into tokens.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    net = backbone(pipe)
+    shape = latent_shape(pipe, batch, height, width)
     latents = randn_tensor(shape, generator=generator, device=net.device, dtype=net.dtype)
     sigma = getattr(pipe.scheduler, "init_noise_sigma", None)  # flow-matching schedulers start at N(0, I)
     return latents if sigma is None else latents * sigma

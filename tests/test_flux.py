@@ -206,6 +206,17 @@ def test_reno_iteration_0_is_the_diffusers_flux_image(flux_dir):
     assert (result.initial_image - theirs[0]).abs().max() < 1e-5
 
 
+def test_reno_with_sde_noise_on_flux_draws_unpacked_noise(flux_dir):
+    """eta > 0: the generator's fixed per-step noises have the unpacked latents' shape (C = in_channels / 4)."""
+    from diffalign.reno import RenoConfig, reno
+
+    pipe = load_pipeline(str(flux_dir))
+    cfg = RenoConfig(iters=3, seed=1, num_steps=2, eta=0.5, guidance_scale=GUIDANCE)
+    first, again = (reno(pipe, PROMPTS[0], ["train_fixtures:Brightness"], None, cfg) for _ in range(2))
+    assert first.best_image.shape == (3, 16, 16) and torch.isfinite(first.best_image).all()
+    assert torch.equal(first.best_image, again.best_image)  # the noises are fixed by the seed
+
+
 def test_cli_trains_adv_grpo_on_flux(tmp_path, flux_dir, capsys):
     """Adv-GRPO on the tiny FLUX: the discriminator on the flow SDE rollouts, the GRPO update as on SD3."""
     from test_adv_grpo import adv_config

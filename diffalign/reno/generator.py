@@ -114,7 +114,7 @@ def make_generator(pipe, prompt: str, cfg: RenoConfig) -> Callable[[torch.Tensor
     i.e. re-seeded every call) from ``x_T = s * z`` (``s`` from :func:`noise_scale`), output = the last
     step's predicted x0, decoded by the VAE.
     """
-    from diffalign.pipelines import backbone, decode, default_size
+    from diffalign.pipelines import backbone, decode, default_size, latent_shape
     from diffalign.sampling import make_denoiser, sample_differentiable
 
     size = (cfg.size, cfg.size) if cfg.size else default_size(pipe)
@@ -129,7 +129,7 @@ def make_generator(pipe, prompt: str, cfg: RenoConfig) -> Callable[[torch.Tensor
     scale = noise_scale(pipe, cfg.num_steps)
     noises = None
     if cfg.eta > 0:
-        shape = (1, net.config.in_channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
+        shape = latent_shape(pipe, 1, *size)  # FLUX: unpacked latents, as z
         gen = torch.Generator(net.device).manual_seed(cfg.seed + 1)
         noises = [torch.randn(shape, generator=gen, device=net.device, dtype=dtype) for _ in range(cfg.num_steps)]
 
