@@ -60,7 +60,6 @@ from diffalign.methods import PromptBatch, StepResult, build_method
 from diffalign.paths import check_output_path
 from diffalign.prompts import PromptSampler, eval_prompts, load_prompts, non_shapes_prompt
 from diffalign.runinfo import append_run_info
-from diffalign.sampling import make_sampler
 
 DTYPE_BY_PRECISION = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # What a run directory holds: these must be directories, those files (when they exist).
@@ -139,15 +138,14 @@ class Rollout:
     """The :class:`diffalign.methods.StepContext` of this trainer: sampling, rewards, backward, updates."""
 
     def __init__(self, trainer: Trainer) -> None:
-        from diffalign.pipelines import flow_mu
+        from diffalign.pipelines import pipeline_sampler
 
         t = trainer
         self.trainer, self.acc, self.pipe, self.cfg = t, t.acc, t.pipe, t.cfg
         self.sample = t.cfg.sample
         self.scheduler = t.pipe.scheduler
         # an unsupported scheduler fails here, in one line; FLUX's dynamic shift is set for the default size
-        self.sampler = make_sampler(self.scheduler, mu=flow_mu(t.pipe))
-        self.sampler.set_steps(self.sample.steps)
+        self.sampler = pipeline_sampler(t.pipe, self.sample.steps)
         self.generator, self.rng = t.generator, t.rng
         self.checkpointing = t.cfg.model.gradient_checkpointing
         self.step = 0
