@@ -59,7 +59,9 @@ class CombineOptions:
     eps: float = 1e-6  # floor of a calibration / batch standard deviation
     uwo_lambda: float | None = None  # UWO's lambda on the variance; none: 0.1 in training, 0.5 in ReNO (spec §9.2)
     variance_ddof: Literal[0, 1] = 0  # UWO's variance: 0 = population (BoN code), 1 = unbiased (PPO code)
-    pareto_signal: Literal["raw", "zscore"] = "raw"  # the selected samples' reward: raw (Parrot) or batch z-scores
+    # the reward of the selected samples: raw (Parrot), batch z-scores, or "dominance": every sample's
+    # reward is minus the number of samples (of its group) that dominate it, nobody masked (policy methods)
+    pareto_signal: Literal["raw", "zscore", "dominance"] = "raw"
     pareto_groups: bool = True  # select within each group of one prompt's samples (GRPO) rather than the batch
     u_scale: float = 1.0  # ctrlu: U = u_scale * (max - min of the members)
     consistency: float = 0.0  # ctrlu: coefficient of the +U term (0 = off)
@@ -195,16 +197,14 @@ def weighted_sum(values: Mapping[str, torch.Tensor], weights: Mapping[str, float
     return total
 
 
-def pareto_mask(rewards: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Parrot's batch-wise non-dominated set (Lee et al. 2024, arXiv 2401.05675, Algorithm 1 ``NDSet``; spec §8.2).
+def dominated_by(rewards: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """How many samples dominate each sample: ``[N]`` integer counts (0 = in Parrot's non-dominated set).
 
     ``rewards`` is ``[N, K]`` (sample i's reward vector in row i; larger is better). Sample a
-    dominates sample b iff ``r_k(b) <= r_k(a)`` for every k and ``<`` for at least one k; the
-    returned ``[N]`` bool mask is True for the samples no other sample dominates (the O(N^2) pairwise
-    check). Identical vectors do not dominate each other (both kept), so ties and duplicates stay in
-    P; with K = 1, P is the set of argmax samples; a single sample is its own P. With ``groups``
-    ([N] integers), selection runs within each group only (the N images of one prompt, as Parrot
-    samples them). Computed on detached values.
+    dominates sample b iff ``r_k(b) <= r_k(a)`` for every k and ``<`` for at least one k (Lee et al.
+    2024, arXiv 2401.05675, Algorithm 1 ``NDSet``; spec §8.2), checked pairwise in O(N^2). Identical
+    vectors do not dominate each other. With ``groups`` ([N] integers) only samples of the same group
+    count (the N images of one prompt, as Parrot samples them). Computed on detached values.
     """
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be [N, K], got shape {tuple(rewards.shape)}")
@@ -217,7 +217,15 @@ def pareto_mask(rewards: torch.Tensor, groups: torch.Tensor | None = None) -> to
         if g.shape != (r.shape[0],):
             raise ValueError(f"groups must be [N] with N={r.shape[0]}, got shape {tuple(groups.shape)}")
         dom = dom & (g.unsqueeze(1) == g.unsqueeze(0))
-    return ~dom.any(dim=0)
+    return dom.sum(dim=0)
+
+
+def pareto_mask(rewards: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Parrot's batch-wise non-dominated set P (arXiv 2401.05675, Algorithm 1 ``NDSet``; spec §8.2):
+    the ``[N]`` bool mask of the samples no other sample dominates (:func:`dominated_by` is 0). Ties
+    and duplicates stay in P; with K = 1, P is the set of argmax samples; a single sample is its own P;
+    with ``groups``, selection runs within each group only."""
+    return dominated_by(rewards, groups) == 0
 
 
 def batch_zscore(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -377,6 +385,11 @@ class Combiner:
     def combine(self, vals: list[torch.Tensor], groups: torch.Tensor | None) -> Combined:
         raise NotImplementedError
 
+    @property
+    def differentiable(self) -> bool:
+        """Whether the signal carries the rewards' gradients (reward backprop and ReNO need it)."""
+        return True
+
     def state_dict(self) -> dict[str, Any]:
         """Plain state for checkpoints (``torch.load(weights_only=True)`` reads it back)."""
         return {"name": self.name, "normalizer": self.normalizer.state_dict() if self.normalizer else None}
@@ -478,10 +491,22 @@ def build_combiner(
     options: CombineOptions | None = None,
     context: Literal["train", "reno"] = "train",
 ) -> Combiner:
-    """The combiner ``name`` over the rewards ``names`` (checks its options first)."""
+    """The combiner ``name`` over the rewards ``names`` (checks its options first). ReNO backpropagates
+    its reward, so a combiner without gradient (``pareto_signal: dominance``) is a one-line error there."""
     options = options or CombineOptions()
     check_options(name, options)
-    return get_combiner(name)(names, weights, options, context)
+    combiner = get_combiner(name)(names, weights, options, context)
+    if context == "reno" and not combiner.differentiable:
+        raise DiffalignError(non_differentiable_message(name, options, "ReNO backpropagates the reward"))
+    return combiner
+
+
+def non_differentiable_message(name: str, options: CombineOptions, why: str) -> str:
+    """The one-line error for a gradient-free combiner where the reward's gradient is needed."""
+    return (
+        f"reward.combine={name} with pareto_signal={options.pareto_signal} gives a reward without gradient, "
+        f"but {why}: use pareto_signal=raw or zscore, or a policy-gradient method (grpo, ddpo, ...)"
+    )
 
 
 def _std_stat(members: torch.Tensor) -> float:
@@ -519,11 +544,26 @@ class Pareto(Combiner):
     """Parrot's batch-wise Pareto selection (spec §8.2): mask = :func:`pareto_mask` of the weighted reward
     vectors ``(w_k r_k)_k`` (a negative weight asks for a smaller reward; a zero weight drops it from
     dominance), signal = ``sum_k w_k r_k`` (``pareto_signal: raw``, the paper's reward weights) or
-    ``sum_k w_k z_k`` with per-reward batch z-scores ``z_k`` (``zscore``, a labelled deviation)."""
+    ``sum_k w_k z_k`` with per-reward batch z-scores ``z_k`` (``zscore``, a labelled deviation).
+
+    ``pareto_signal: dominance`` (a diffalign extension, not in the paper) keeps every sample and gives
+    it the reward ``-|{j : j dominates i}|`` (:func:`dominated_by`): the non-dominated samples get the
+    top reward 0 and the dominated ones push the policy away in proportion to how many samples beat them
+    in every reward, so no weighting of the rewards is chosen and the dominated samples' negative signal,
+    which the mask drops, is kept. It has no gradient, so only policy-gradient methods can use it.
+    """
+
+    @property
+    def differentiable(self) -> bool:
+        return self.options.pareto_signal != "dominance"
 
     def combine(self, vals, groups):
         use_groups = groups if self.options.pareto_groups else None
         weighted = torch.stack([w * v for w, v in zip(self.weights, vals, strict=True)], dim=1)
+        if self.options.pareto_signal == "dominance":
+            count = dominated_by(weighted, use_groups)
+            stats = {"pareto/selected_fraction": float((count == 0).double().mean())}
+            return Combined(-count.to(vals[0].dtype), stats=stats)
         mask = pareto_mask(weighted, use_groups)
         if self.options.pareto_signal == "zscore":
             vals = [batch_zscore(v, self.options.eps) for v in vals]

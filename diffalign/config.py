@@ -481,7 +481,7 @@ def resolve_config_paths(
 # ------------------------------------------------------------------------------------ validation
 def validate(cfg: DiffalignConfig) -> None:
     """Cross-section checks; each message names the fix. Loads no model."""
-    from diffalign.combine import build_combiner, check_weights, reward_keys
+    from diffalign.combine import build_combiner, check_weights, non_differentiable_message, reward_keys
     from diffalign.prompts import load_prompts
     from reward_models import RewardSpec, require_differentiable
     from reward_models.registry import reward_class
@@ -496,10 +496,13 @@ def validate(cfg: DiffalignConfig) -> None:
         check_weights([str(sp) for sp in specs], cfg.reward.weights)
     keys = reward_keys(specs)  # distinct keys: two specs of one reward are told apart by their options
     weights = cfg.reward.weights if cfg.reward.weights is not None else [s.weight for s in specs]
-    build_combiner(cfg.reward.combine, keys, weights, cfg.reward.combine_options)  # ensemble size, weights
+    combiner = build_combiner(cfg.reward.combine, keys, weights, cfg.reward.combine_options)  # sizes, weights
     entry = get_method(method)  # the registry's entry: its reward requirement and its own checks
     if entry.needs_differentiable_reward:
         require_differentiable(specs, method)
+        if not combiner.differentiable:
+            why = f"train.method={method} backpropagates the reward"
+            raise DiffalignError(non_differentiable_message(cfg.reward.combine, cfg.reward.combine_options, why))
     if entry.validate is not None:
         entry.validate(cfg)
     _validate_data(cfg, entry.cls)

@@ -14,7 +14,9 @@ spread within a prompt's group of base samples, 0.16 kB, matches the CLIP's, 0.1
 
 - ``weighted``: ``reward.combine=weighted``: every sample's reward is ``clip + W sat``;
 - ``pareto``: ``reward.combine=pareto``: Parrot (Lee et al. 2024, Algorithm 1): only the non-dominated
-  samples of each prompt's group train (advantage 0 for the others), with the same reward.
+  samples of each prompt's group train (advantage 0 for the others), with the same reward;
+- ``dominance`` (``--variants weighted pareto dominance``): ``pareto_signal=dominance``, every sample's
+  reward is minus the number of samples of its group that dominate it (no weighting, nobody masked).
 
 Then ``diffalign gallery`` draws every run's held-out images (30 held-out compositions x 5 seeds, the
 evaluation's draws) plus the base model's and scores them with both rewards and the gold verifier
@@ -42,10 +44,18 @@ KEYS = ("shapes_clip", "saturation")  # the default pair; --second replaces the 
 CONFIG = "configs/shapes/grpo.yaml"
 
 
-def variants(weight: float, second: str = KEYS[1]) -> dict[str, str]:
-    """The two variants' overrides of configs/shapes/grpo.yaml."""
+VARIANTS = ("weighted", "pareto", "dominance")
+
+
+def variants(weight: float, second: str = KEYS[1], names: tuple[str, ...] = VARIANTS[:2]) -> dict[str, str]:
+    """The variants' overrides of configs/shapes/grpo.yaml (``names`` picks them, in VARIANTS' order)."""
     common = f"--config {CONFIG} reward.rewards=[shapes_clip,{second}] reward.weights=[1,{weight:g}]"
-    return {"weighted": f"{common} reward.combine=weighted", "pareto": f"{common} reward.combine=pareto"}
+    every = {
+        "weighted": f"{common} reward.combine=weighted",
+        "pareto": f"{common} reward.combine=pareto",
+        "dominance": f"{common} reward.combine=pareto reward.combine_options.pareto_signal=dominance",
+    }
+    return {k: v for k, v in every.items() if k in names}
 
 
 def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -79,7 +89,7 @@ def read_scores(path: Path) -> dict[str, list[dict]]:
     return rows
 
 
-COLORS = {"base": "0.45", "weighted": "tab:blue", "pareto": "tab:red"}
+COLORS = {"base": "0.45", "weighted": "tab:blue", "pareto": "tab:red", "dominance": "tab:green"}
 
 
 def family(label: str) -> str:
@@ -119,7 +129,7 @@ def plot(
     title: str,
     keys: tuple[str, str] = KEYS,
 ) -> None:
-    """Points and pooled non-dominated fronts per variant family (base, weighted, pareto)."""
+    """Points and pooled non-dominated fronts per variant family (base and each variant)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +175,7 @@ def report(table: dict[str, dict[str, float]], ref: tuple[float, float], keys: t
             f"| {label} | {t['hypervolume']:.4f} | {t['front_size']:.0f} | {t[keys[0]]:.3f} | {t[keys[1]]:.3f} | "
             f"{t['gold/accuracy']:.3f} |"
         )
-    for family in ("weighted", "pareto"):
+    for family in VARIANTS:
         hv = [t["hypervolume"] for k, t in table.items() if k.startswith(family + "-s")]
         if hv:
             lines.append(
@@ -184,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         "--second",
         default=KEYS[1],
         help="the second reward, a zoo name (default saturation; e.g. jpeg_compressibility --weight 1)",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS[:2]),
+        help="which variants to train and compare (default: weighted pareto)",
     )
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run and of the gallery (default 1)")
     p.add_argument("--jobs", type=int, default=2)
@@ -211,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         str(args.png.with_name(args.png.stem + "_training.png")),
         "--title",
         f"Parrot (pareto) vs weighted sum: GRPO on shapes_clip + W x {args.second}",
-        *[f"--variant={k}={v}" for k, v in variants(args.weight, args.second).items()],
+        *[f"--variant={k}={v}" for k, v in variants(args.weight, args.second, tuple(args.variants)).items()],
     ]
     study += ["--dry-run"] if args.dry_run else (["--plot-only"] if args.plot_only else [])
     try:
@@ -227,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pareto_study: {gallery / 'scores.jsonl'} is missing; run without --plot-only", file=sys.stderr)
             return 2
         runs = [
-            f"--run={v}-s{s}={args.out / f'{v}-s{s}'}" for v in variants(args.weight, args.second) for s in args.seeds
+            f"--run={v}-s{s}={args.out / f'{v}-s{s}'}"
+            for v in variants(args.weight, args.second, tuple(args.variants))
+            for s in args.seeds
         ]
         cmd = [sys.executable, "-m", "diffalign", "gallery", *runs, "--prompts", "shapes:heldout"]
         cmd += [

@@ -22,6 +22,7 @@ from diffalign.combine import (
     ZScoreNormalizer,
     build_combiner,
     combiner_names,
+    dominated_by,
     ensemble_mean,
     member_uncertainty,
     member_variance,
@@ -71,6 +72,27 @@ def test_pareto_combiner_signal_weights_and_stats():
     z = build_combiner("pareto", ["a", "b"], options=CombineOptions(pareto_signal="zscore"))(values)
     torch.testing.assert_close(z.signal.sum(), torch.tensor(0.0), atol=1e-6, rtol=0)  # batch z-scores sum to 0
     assert z.mask.tolist() == out.mask.tolist()  # z-scoring is monotone per reward: the same front
+
+
+def test_dominated_by_counts_by_hand():
+    # (0, 0) is beaten by all three others; (0.5, 0.5) by (1, 1) only; ties do not count
+    r = torch.tensor([[1.0, 1.0], [0.5, 0.5], [0.0, 0.0], [1.0, 1.0], [2.0, -1.0]])
+    assert dominated_by(r).tolist() == [0, 2, 3, 0, 0]
+    assert dominated_by(r, torch.tensor([0, 0, 0, 1, 1])).tolist() == [0, 1, 2, 0, 0]  # only within a group
+    assert (dominated_by(r) == 0).tolist() == pareto_mask(r).tolist()
+
+
+def test_pareto_dominance_signal_keeps_every_sample():
+    values = {"a": torch.tensor([1.0, 2.0, 0.0, 0.5, 0.2]), "b": torch.tensor([1.0, 0.0, 2.0, 0.5, 0.1])}
+    opts = CombineOptions(pareto_signal="dominance")
+    out = build_combiner("pareto", ["a", "b"], [1.0, 2.0], opts)(values)
+    assert out.mask is None and out.weight is None  # nobody masked: the dominated samples push away
+    assert out.signal.tolist() == [0.0, 0.0, 0.0, -1.0, -2.0]  # minus the number of samples dominating each
+    assert out.stats == {"pareto/selected_fraction": 0.6}
+    assert not build_combiner("pareto", ["a", "b"], options=opts).differentiable
+    assert build_combiner("pareto", ["a", "b"]).differentiable
+    with pytest.raises(DiffalignError, match="pareto_signal=dominance gives a reward without gradient, but ReNO"):
+        build_combiner("pareto", ["a", "b"], options=opts, context="reno")
 
 
 # --------------------------------------------------------------------------------- ensembles (spec §9.2)
@@ -231,6 +253,11 @@ def test_grpo_selects_within_groups():
     assert rollout.gathered_weights.tolist() == [1.0, 1.0, 0.0, 0.0]
     adv, _ = method.local_advantages(ctx, rollout)
     assert adv[2:].abs().sum() == 0
+    # the dominance signal keeps the dominated group: it gets the negative advantages
+    opts = CombineOptions(pareto_groups=False, pareto_signal="dominance")
+    ctx.combiner = build_combiner("pareto", ["a", "b"], options=opts)
+    rollout = method.collect(ctx, batches, ctx.sampler)
+    assert rollout.gathered_weights is None and rollout.gathered_reward.tolist() == [0.0, 0.0, -2.0, -2.0]
 
 
 # ------------------------------------------------------------------------------------- configuration
@@ -264,6 +291,10 @@ def test_config_names_a_combiner_with_options(tmp_path):
         (["reward.combine=wco", "reward.rewards=[train_fixtures:Brightness]"], "at least 2 reward specs"),
         (["reward.combine=uwo", "reward.weights=[1, 2]"], "weighs ensemble members equally"),
         (["reward.combine_options.uwo_lambda=-1", "reward.combine=uwo"], "uwo_lambda must be >= 0"),
+        (
+            ["reward.combine=pareto", "reward.combine_options.pareto_signal=dominance", "train.method=alignprop"],
+            "without gradient, but train.method=alignprop backpropagates the reward",
+        ),
         (
             ["reward.rewards=[train_fixtures:Brightness, train_fixtures:Brightness]"],
             "lists 'train_fixtures:Brightness' twice",

@@ -87,6 +87,9 @@ def test_pareto_study_commands_and_report(tmp_path: Path, capsys: pytest.Capture
     )
     other, _ = _configs(capsys.readouterr().out.strip().splitlines())
     assert other.reward.rewards == ["shapes_clip", "jpeg_compressibility"]
+    assert pareto_study.main(["--dry-run", "--out", str(tmp_path), "--seeds", "0", "--variants", "dominance"]) == 0
+    (dominance,) = _configs(capsys.readouterr().out.strip().splitlines())
+    assert dominance.reward.combine == "pareto" and dominance.reward.combine_options.pareto_signal == "dominance"
 
     out = tmp_path / "study"
     for name in ("weighted-s0", "pareto-s0"):
