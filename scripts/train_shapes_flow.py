@@ -314,19 +314,36 @@ def build_pipeline(work: Path, base: Path, arch: Arch, ema_file: Path | None = N
 
 
 def dir_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+    """Megabytes of the files under ``path`` (a symlink counts as 0: its target is stored elsewhere)."""
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
 
 
-def export(work: Path, base: Path, arch: Arch, out: Path, dtype: str, ema_file: Path | None = None) -> None:
-    """Write a plain diffusers StableDiffusion3Pipeline directory (atomically: temp dir, then rename)."""
+VAE_WEIGHTS = Path("vae") / "diffusion_pytorch_model.safetensors"
+
+
+def export(
+    work: Path, base: Path, arch: Arch, out: Path, dtype: str, ema_file: Path | None = None, link_vae: bool = False
+) -> None:
+    """Write a plain diffusers StableDiffusion3Pipeline directory (atomically: temp dir, then rename).
+
+    ``link_vae``: the VAE's weight file becomes a relative symlink to ``base``'s (the same frozen VAE,
+    kept in its stored precision), so the two shipped pipelines hold it once; only its config.json
+    (SD3's latent shift and scale) is the export's own."""
     pipe, step = build_pipeline(work, base, arch, ema_file)
-    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+    modules = (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2) + (() if link_vae else (pipe.vae,))
+    for module in modules:
         # torch's own .to: diffusers' ModelMixin.to warns about fp32 modules these models do not have
         torch.nn.Module.to(module, {"float16": torch.float16, "float32": torch.float32}[dtype])
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if link_vae:
+        target = (base / VAE_WEIGHTS).resolve()
+        if not target.is_file():
+            raise DiffalignError(f"--link-vae: {target} does not exist (is --base an SD pipeline directory?)")
+        (tmp / VAE_WEIGHTS).unlink()
+        (tmp / VAE_WEIGHTS).symlink_to(os.path.relpath(target, (out / VAE_WEIGHTS).parent.resolve()))
     (tmp / "diffalign.json").write_text(json.dumps({"max_sequence_length": MAX_SEQUENCE_LENGTH}, indent=1) + "\n")
     info = {"transformer_step": step, "world_version": 1, "arch": asdict(arch), "base": "assets/shapes-sd"}
     (tmp / "shapes_info.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -397,6 +414,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--export", type=Path, default=None, help="pipeline directory to write at the end")
     p.add_argument("--export-from", type=Path, default=None, help="an ema_*.pt snapshot to export instead")
     p.add_argument("--export-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument(
+        "--link-vae",
+        action="store_true",
+        help="store the VAE weights as a relative symlink to --base's (the same frozen VAE, held once in assets/)",
+    )
     p.add_argument("--eval", type=int, default=0, help="held-out prompts to sample and verify at the end (0: none)")
     p.add_argument("--eval-steps", type=int, default=20, help="Euler ODE steps of the evaluation")
     p.add_argument("--eval-cfg", type=float, default=5.0, help="guidance scale of the evaluation")
@@ -436,7 +458,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     if out is None and args.eval:
         out = args.work / "pipeline"
     if out is not None:
-        export(args.work, args.base, arch, out, args.export_dtype, args.export_from)
+        export(args.work, args.base, arch, out, args.export_dtype, args.export_from, args.link_vae)
     if args.eval:
         return evaluate(args.work, out, args.eval, args.eval_steps, args.eval_cfg, args.eval_seed)
     return None

@@ -79,6 +79,25 @@ def test_export_loads_in_plain_diffusers_and_diffalign_with_the_same_images(trai
     assert torch.allclose(theirs, ours, atol=1e-6)
 
 
+def test_link_vae_export_holds_the_base_vae_once_and_loads(trained: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    from diffalign.pipelines import load_pipeline
+
+    linked = trained / "linked"
+    _run(trained, 4, "--export", str(linked), "--link-vae")  # training is done: export only
+    weights = linked / tsf.VAE_WEIGHTS
+    assert weights.is_symlink() and not Path(weights.readlink()).is_absolute()
+    assert weights.resolve() == (tsf.DEFAULT_BASE / tsf.VAE_WEIGHTS).resolve()
+    assert tsf.dir_mb(linked) < tsf.dir_mb(trained / "pipe")
+    base_vae = AutoencoderKL.from_pretrained(tsf.DEFAULT_BASE / "vae")
+    pipe = load_pipeline(str(linked))
+    for name, value in base_vae.state_dict().items():
+        assert torch.equal(pipe.vae.state_dict()[name].float(), value.float()), name
+    own = json.loads((linked / "vae" / "config.json").read_text())  # SD3's latent shift and scale, not SD's
+    assert own["shift_factor"] is not None and own["scaling_factor"] != base_vae.config.scaling_factor
+
+
 def test_training_conditioning_equals_what_diffalign_encodes(trained: Path) -> None:
     """The cached CLIP outputs + projection heads used in training equal encode_prompts on the pipeline."""
     from diffalign.pipelines import encode_prompts, set_sequence_length
