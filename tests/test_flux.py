@@ -194,6 +194,40 @@ def test_cli_trains_reward_backprop_on_flux(tmp_path, flux_dir, method, capsys):
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
 
 
+def test_cli_trains_nft_on_flux(tmp_path, flux_dir, capsys, monkeypatch):
+    """DiffusionNFT on the tiny FLUX-dev: ODE rollouts by the old adapter, the forward-process loss on unpacked
+    latents; the training velocities use FLUX's embedded guidance (the sampling one, not CFG's 1); the LoRA
+    loads into a plain FluxPipeline."""
+    from diffusers import FluxPipeline
+    from train_fixtures import write_config
+
+    from diffalign.cli import main
+    from diffalign.methods.nft import NFT
+
+    seen = []
+    configure = NFT.configure
+    monkeypatch.setattr(NFT, "configure", lambda self, ctx: (configure(self, ctx), seen.append(self.train_guidance)))
+    out = tmp_path / "run"
+    cfg = _flux_config(
+        flux_dir,
+        out,
+        "nft",
+        nft={"group_size": 2, "train_batch_size": 2, "kl_coef": 0.01},
+        model={"lora": {"rank": 2, "alpha": 2.0, "init": "gaussian"}},
+    )
+    cfg["sample"] |= {"eta": 0.0, "batch_size": 1}  # one minibatch of 2 a step: step 1 is exactly on-policy
+    assert main(["train", "--config", str(write_config(tmp_path / "cfg.yaml", cfg))]) == 0
+    assert "finished 3 steps of nft" in capsys.readouterr().out
+    assert seen == [GUIDANCE]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["samples"] == 2 for m in metrics)
+    assert all(math.isfinite(m[k]) for m in metrics for k in ("loss", "policy_loss", "kl_div", "old_deviate"))
+    assert metrics[0]["positive_loss"] == metrics[0]["negative_loss"]  # theta = theta_old: blind to r
+    assert metrics[-1]["old_deviate"] > 0 and metrics[-1]["grad_norm"] > 0
+    load_lora(load_pipeline(str(flux_dir)), out / "lora", expect_rank=2)
+    FluxPipeline.from_pretrained(str(flux_dir)).load_lora_weights(str(out / "lora"))
+
+
 def test_reno_iteration_0_is_the_diffusers_flux_image(flux_dir):
     """ReNO's generator on FLUX: the flow ODE from z on FluxPipeline's grid for the size; iteration 0 = pipe(...)."""
     from diffalign.reno import RenoConfig, reno

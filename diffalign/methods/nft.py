@@ -11,7 +11,8 @@ trained one (``"default"``); only the clean latents x0, their prompts and reward
     r_i = clamp(clamp(A_i, +-A_max) / (2 A_max) + 1/2, 0, 1)                      optimality probability
     per sample, J = int(T * timestep_fraction) distinct rollout-grid sigmas, each with fresh eps:
         x_sigma = (1 - sigma) x0 + sigma eps;  v_old (adapter "old"), v_ref (adapters off, kl_coef > 0 only),
-        v_theta (adapter "default", with gradient): all conditional (guidance 1), timestep 1000 sigma
+        v_theta (adapter "default", with gradient): all conditional (guidance 1; FLUX-dev: its embedded
+        guidance = sample.guidance_scale, which is not CFG), timestep 1000 sigma
         L = A_max mean_i (r_i l+_i + (1 - r_i) l-_i) / beta + kl_coef mean (v_theta - v_ref)^2
     backward L / (J * accumulation); an optimizer update every ``train.gradient_accumulation_steps``
     minibatches of ``train_batch_size`` samples; ``inner_epochs`` passes
@@ -146,13 +147,18 @@ class NFT(GRPO):
         self.text_encoder_lora = False
         self.updates = 0  # optimizer steps so far: eta = decay(updates)
         self.last_decay = 0.0
+        self.train_guidance = 1.0  # the velocities' guidance in training (FLUX: its embedded guidance)
 
     # ------------------------------------------------------------------------------ method-owned state
     def configure(self, ctx: StepContext) -> None:
         """Add the old policy: adapter ``"old"`` = a frozen copy of the trained LoRA (spec §2.4 "Init")."""
-        from diffalign.pipelines import add_adapter_copy, backbone_name, lora_adapter_of
+        from diffalign.pipelines import add_adapter_copy, backbone_name, family_of, lora_adapter_of
 
         self.pipe = ctx.pipe
+        # CFG pipelines train the conditional velocity alone (guidance 1, CFG-free as the paper); FLUX-dev's
+        # guidance is an input of the distilled transformer, not CFG, so its training calls see the sampling one
+        if family_of(self.pipe) == "flux":
+            self.train_guidance = float(self.sample.guidance_scale)
         old = add_adapter_copy(self.pipe, OLD_ADAPTER, source="default")
         self.old = AdapterParameters(old)
         trained = {
@@ -228,12 +234,12 @@ class NFT(GRPO):
                 w_mb = None if w is None else w[idx.to(w.device)]
                 with torch.no_grad():
                     with self.old_policy():
-                        old_denoise = ctx.denoiser(prompts, guidance_scale=1.0)
+                        old_denoise = ctx.denoiser(prompts, guidance_scale=self.train_guidance)
                     ref_denoise = None
                     if cfg.kl_coef > 0:
                         with ctx.reference():
-                            ref_denoise = ctx.denoiser(prompts, guidance_scale=1.0)
-                denoise = None if self.text_encoder_lora else ctx.denoiser(prompts, guidance_scale=1.0)
+                            ref_denoise = ctx.denoiser(prompts, guidance_scale=self.train_guidance)
+                denoise = None if self.text_encoder_lora else ctx.denoiser(prompts, guidance_scale=self.train_guidance)
                 for j in range(k):
                     sigma, t = self.train_sigmas(ctx, traj, steps, idx, j, x0)
                     noise = torch.randn(x0.shape, generator=ctx.generator).to(x0.device)
@@ -246,7 +252,7 @@ class NFT(GRPO):
                             with ctx.reference():
                                 v_ref = ref_denoise(x_in, t)
                     # a text-encoder LoRA's graph is used by one backward only: encode again per sigma
-                    net = denoise if denoise is not None else ctx.denoiser(prompts, guidance_scale=1.0)
+                    net = denoise if denoise is not None else ctx.denoiser(prompts, guidance_scale=self.train_guidance)
                     v = net(x_in, t)
                     loss, st = nft_loss(
                         v, v_old, x0, noise, sigma, r_mb, cfg.nft_beta, cfg.adv_clip_max, cfg.loss_space, v_ref,
