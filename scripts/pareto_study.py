@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "--png",
         str(args.png.with_name(args.png.stem + "_training.png")),
         "--title",
-        f"Parrot (pareto) vs weighted sum: GRPO on shapes_clip + W x {args.second}",
+        f"{' vs '.join(args.variants)}: GRPO on shapes_clip + W x {args.second}",
         *[f"--variant={k}={v}" for k, v in variants(args.weight, args.second, tuple(args.variants)).items()],
     ]
     study += ["--dry-run"] if args.dry_run else (["--plot-only"] if args.plot_only else [])
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         table,
         args.png,
-        f"Held-out fronts ({keys[0]}, {keys[1]}): Parrot vs weighted sum, {args.steps} GRPO steps",
+        f"Held-out fronts ({keys[0]}, {keys[1]}): {' vs '.join(args.variants)}, {args.steps} GRPO steps",
         keys,
     )
     print(report(table, ref, keys))
