@@ -457,6 +457,7 @@ def collect(
     pairs: bool = False,
     sampler: Sampler | None = None,
     select_in_groups: bool = False,
+    sde_steps: int | None = None,
 ) -> Collected:
     """Sample one batch of trajectories under theta_old and score them (spec §1.5, §2.3; no gradient).
 
@@ -465,6 +466,7 @@ def collect(
     ``ctx.initial_latents`` (with ``pairs=True``: N/2 draws, each used by the two consecutive samples
     2k, 2k+1 of a pair, which then differ only by their per-step noise, as D3PO samples pairs; spec
     §5.1), the chain :func:`~diffalign.sampling.sample_trajectory` with ``eta`` and ``ctx.generator``
+    (stochastic only in the first ``sde_steps`` steps when given)
     (latents x_T..x_0 and log pi_old per step, DDIM Eq. 12 / spec §1.2), ``ctx.decode`` of x_0,
     ``ctx.reward_values`` (each reward's values, NaN-checked), ``ctx.gather`` of each reward's values and
     of the group ids (every process must call this collectively, with the same N), then ``ctx.combine``
@@ -489,7 +491,7 @@ def collect(
             x_T = ctx.initial_latents(n // 2).repeat_interleave(2, dim=0)
         else:
             x_T = ctx.initial_latents(n)
-        traj = sample_trajectory(denoise, sampler, x_T, eta=eta, generator=ctx.generator)
+        traj = sample_trajectory(denoise, sampler, x_T, eta=eta, generator=ctx.generator, sde_steps=sde_steps)
         images = ctx.decode(traj.final)
         parts = ctx.reward_values(images, prompts)
         gathered_rewards = {k: ctx.gather(v.detach()).cpu() for k, v in parts.items()}

@@ -740,18 +740,26 @@ def sample_trajectory(
     latents: torch.Tensor,
     eta: float = 1.0,
     generator: Generator = None,
+    sde_steps: int | None = None,
 ) -> Trajectory:
     """Run the whole chain from ``latents`` = x_T over the sampler's timesteps (DDIM Eq. 12 with eta),
     recording every latent and per-step log-prob (DDPO, arXiv 2305.13301, Sec. 4.2). ``scheduler`` is a
-    :class:`Sampler` or a diffusers scheduler (:func:`make_sampler`). Call under ``no_grad`` for rollouts."""
+    :class:`Sampler` or a diffusers scheduler (:func:`make_sampler`). Call under ``no_grad`` for rollouts.
+
+    ``sde_steps`` = W: only the first W steps are stochastic (``eta``); the later ones are the
+    deterministic sampler (eta 0: DDIM / the flow ODE, as evaluation samples), so the reward of a
+    trajectory varies only with the actions of the W steps a policy gradient trains on (Flow-GRPO-Fast's
+    stochastic window, spec §6.2 "Sampling", with the window at step 0). Their log-probs are stored as 0
+    (a deterministic step has no density; nothing trains on them). None: every step stochastic."""
     sampler = make_sampler(scheduler)
     xs, logps = [latents], []
     x = latents
-    for t in sampler.timesteps:
-        out = denoise_step(denoise, sampler, x, t, eta, generator=generator)
+    for k, t in enumerate(sampler.timesteps):
+        stochastic = sde_steps is None or k < sde_steps
+        out = denoise_step(denoise, sampler, x, t, eta if stochastic else 0.0, generator=generator)
         x = out.prev_sample
         xs.append(x)
-        logps.append(out.log_prob)
+        logps.append(out.log_prob if stochastic else torch.zeros_like(out.log_prob))
     return Trajectory(torch.stack(xs, dim=1), torch.stack(logps, dim=1), sampler.timesteps.clone())
 
 

@@ -109,6 +109,25 @@ def test_fake_step_reference_passes_and_updates(beta):
     assert (result.stats["kl"] > 0) == (beta > 0) and result.stats["approx_kl"] < 1e-12
 
 
+def test_sde_window_trains_only_its_stochastic_steps(monkeypatch):
+    """sde_window = W: rollouts are stochastic in the first W steps only (log-prob 0 stored after them) and
+    the training steps are drawn from those W."""
+    import diffalign.methods.grpo as grpo_module
+
+    drawn = []
+    subsample = grpo_module.timestep_subsample
+    monkeypatch.setattr(
+        grpo_module, "timestep_subsample", lambda n, t, *a, **k: drawn.append(t) or subsample(n, t, *a, **k)
+    )
+    ctx = FakeCtx(steps=3, batch_size=2)
+    cfg = GRPOConfig(group_size=2, train_batch_size=2, sde_window=2, shuffle_timesteps=True)
+    method = GRPO(cfg, ctx.sample, TrainConfig(gradient_accumulation_steps=2))
+    rollout = method.collect(ctx, [PromptBatch(["a", "b"], ["a", "b"])], ctx.sampler)
+    assert (rollout.trajectories.log_probs[:, 2:] == 0).all() and (rollout.trajectories.log_probs[:, :2] != 0).all()
+    method.step(ctx, [PromptBatch(["a", "b"], ["a", "b"])])
+    assert drawn == [2]
+
+
 # ----------------------------------------------------------------------------- the tiny pipeline
 class FakeAcc:
     """What Rollout asks of accelerate, for one CPU process."""
@@ -242,6 +261,8 @@ def load_config(tmp_path, sd_dir, overrides):
         (["train.gradient_accumulation_steps=3"], "not divisible by train.gradient_accumulation_steps (3)"),
         (["grpo.adv_std=batch"], "grpo.adv_std"),
         (["grpo.beta=-1"], "grpo.beta must be >= 0"),
+        (["grpo.sde_window=-1"], "grpo.sde_window must be >= 0"),
+        (["grpo.sde_window=99"], "grpo.sde_window (99) must be at most sample.steps"),
     ],
 )
 def test_validation_errors(tmp_path, sd_dir, overrides, message):

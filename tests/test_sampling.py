@@ -147,6 +147,30 @@ def test_trajectory_recompute_logprobs():
         assert (lp - traj.log_probs[:, k]).abs().max() < 1e-5
 
 
+def test_sde_window_is_stochastic_only_in_its_first_steps():
+    """sde_steps = W: the first W steps are the eta chain (same draws as without a window), the rest the
+    deterministic DDIM chain from the W-th latent (eta 0, as evaluation samples), with log-prob 0 stored."""
+    s = sched(6)
+
+    def denoise(x, t):
+        return 0.3 * x + 0.001 * t.float()
+
+    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    full = sample_trajectory(denoise, s, x_T, eta=1.0, generator=torch.Generator().manual_seed(3))
+    win = sample_trajectory(denoise, s, x_T, eta=1.0, generator=torch.Generator().manual_seed(3), sde_steps=2)
+    assert torch.equal(win.latents[:, :3], full.latents[:, :3]) and torch.equal(
+        win.log_probs[:, :2], full.log_probs[:, :2]
+    )
+    assert (win.log_probs[:, 2:] == 0).all() and not torch.equal(win.latents[:, 3], full.latents[:, 3])
+    x = win.latents[:, 2]
+    for k in range(2, 6):  # the hand-run deterministic tail
+        t = win.timesteps[k]
+        x, _ = ddim_step_with_logprob(s, denoise(x, t), t, x, eta=0.0)
+        assert torch.allclose(x, win.latents[:, k + 1], atol=1e-6)
+    every = sample_trajectory(denoise, s, x_T, eta=1.0, generator=torch.Generator().manual_seed(3), sde_steps=6)
+    assert torch.equal(every.latents, full.latents)
+
+
 def test_cfg_combine_and_rescale():
     u, c = torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2)
     assert torch.equal(cfg_combine(u, c, 1.0), c)

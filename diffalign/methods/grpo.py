@@ -65,7 +65,10 @@ class GRPOConfig:
     clip_range: float = 1e-4  # PPO eps on mean-reduced log-probs (TRL epsilon; Flow-GRPO train.clip_range)
     adv_std: Literal["group", "global"] = "global"  # std of the group or of the whole step (Flow-GRPO global_std)
     adv_clip_max: float = 5.0  # clamp advantages to +-this
-    timestep_fraction: float = 1.0  # fraction of the T steps trained per trajectory
+    timestep_fraction: float = 1.0  # fraction of the T steps (of the sde_window steps when set) trained per trajectory
+    # W > 0: only the first W sampling steps are stochastic (sample.eta), the rest deterministic (eta 0, as
+    # evaluation); training draws its steps from those W (Flow-GRPO-Fast's window at step 0). 0: all T steps
+    sde_window: int = 0
     shuffle_timesteps: bool = True  # a random subset of steps per trajectory (DDPO); false: steps 0..K-1 (Flow-GRPO)
     inner_epochs: int = 1  # passes over each step's samples (TRL num_iterations, Flow-GRPO num_inner_epochs)
     train_batch_size: int = 4  # trajectories per minibatch, per process
@@ -89,6 +92,8 @@ class GRPOConfig:
             raise DiffalignError(f"grpo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.inner_epochs < 1 or self.train_batch_size < 1:
             raise DiffalignError("grpo.inner_epochs and grpo.train_batch_size must be >= 1")
+        if self.sde_window < 0:
+            raise DiffalignError(f"grpo.sde_window must be >= 0 (0: every step stochastic), got {self.sde_window}")
 
 
 @dataclass
@@ -150,13 +155,16 @@ class GRPO(Method):
         A group's id is the position of its prompt in the step's global list (batch b's prompts
         follow batch b-1's), so ids are unique over processes and batches."""
         g, parts, offset = self.cfg.group_size, [], 0
+        window = getattr(self.cfg, "sde_window", 0) or None  # NFT (a subclass) samples with the ODE: no window
         for batch in batches:
             n_proc = len(batch.everyone) // max(len(batch.local), 1)
             prompts, ids = grouped_prompts(batch.everyone, g, n_proc, ctx.process_index)
             if prompts[::g] != list(batch.local):
                 raise RuntimeError("batch.local is not this process's contiguous slice of batch.everyone")
             ids = [offset + i for i in ids]
-            parts.append(collect(ctx, prompts, ids, self.sample.eta, sampler=sampler, select_in_groups=True))
+            parts.append(
+                collect(ctx, prompts, ids, self.sample.eta, sampler=sampler, select_in_groups=True, sde_steps=window)
+            )
             offset += len(batch.everyone)
         return Collected.cat(parts)
 
@@ -191,7 +199,7 @@ class GRPO(Method):
         def draw() -> tuple[torch.Tensor, torch.Tensor]:
             order = torch.randperm(n, generator=ctx.generator)
             steps = timestep_subsample(
-                n, traj.num_steps, cfg.timestep_fraction, ctx.generator, shuffle=cfg.shuffle_timesteps
+                n, cfg.sde_window or traj.num_steps, cfg.timestep_fraction, ctx.generator, shuffle=cfg.shuffle_timesteps
             )
             return order, steps.cpu()
 
@@ -235,6 +243,10 @@ def validate_grpo(cfg: DiffalignConfig) -> None:
         raise DiffalignError(
             "grpo needs sample.eta > 0 (each step must be a Gaussian policy; log-probs are undefined for eta = 0); "
             "set sample.eta=1.0 for DDIM or the flow SDE's noise level 0.7 for SD3 (evaluate at eta 0 with eval.eta)"
+        )
+    if g.sde_window > s.steps:
+        raise DiffalignError(
+            f"{cfg.train.method}.sde_window ({g.sde_window}) must be at most sample.steps ({s.steps}); 0: all steps"
         )
     per_step = s.batch_size * s.num_batches * g.group_size
     what = "sample.batch_size x sample.num_batches x grpo.group_size"
