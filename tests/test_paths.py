@@ -105,7 +105,7 @@ def test_missing_path_message(tmp_path, monkeypatch):
     msg = missing_path_message("assets/shapes-xl", "pipeline directory", base=tmp_path / "conf", hint="do X")
     assert msg == (
         f"no pipeline directory 'assets/shapes-xl' under {tmp_path}, nor under {tmp_path / 'conf'} (the config "
-        "file's directory), nor among the shipped assets (assets/shapes-clip, assets/shapes-ensemble, assets/shapes-sd); do X"
+        "file's directory), nor among the shipped assets (assets/shapes-clip, assets/shapes-ensemble, assets/shapes-flow, assets/shapes-sd); do X"
     )
     assert missing_path_message(str(tmp_path / "modles" / "pipe2")) == (
         f"no directory '{tmp_path / 'modles' / 'pipe2'}' (did you mean '{tmp_path / 'models' / 'pipe2'}'?); check the path"
@@ -127,7 +127,7 @@ def test_missing_relative_pipeline_from_another_cwd(tmp_path, monkeypatch):
         pipeline_class_name("assets/shapes-xl")
     assert one_line(err) == (
         f"no pipeline directory at assets/shapes-xl: no directory 'assets/shapes-xl' under {tmp_path}, nor among "
-        f"the shipped assets (assets/shapes-clip, assets/shapes-ensemble, assets/shapes-sd); {hint}"
+        f"the shipped assets (assets/shapes-clip, assets/shapes-ensemble, assets/shapes-flow, assets/shapes-sd); {hint}"
     )
     (tmp_path / "file.bin").write_text("x")
     with pytest.raises(DiffalignError, match="file.bin is a file, not a diffusers pipeline directory"):

@@ -35,8 +35,32 @@ def test_pipeline_loads_with_plain_diffusers_and_samples():
 
 
 def test_assets_fit_the_budget():
-    total = sum(f.stat().st_size for f in (ROOT / "assets").rglob("*") if f.is_file())
+    """<= 40 MB stored: a symlink (the flow pipeline's VAE weights -> the SD pipeline's) is stored once."""
+    files = [f for f in (ROOT / "assets").rglob("*") if f.is_file()]
+    total = sum(f.lstat().st_size for f in files if not f.is_symlink())
     assert total <= 40 * 2**20
+    for link in (f for f in files if f.is_symlink()):  # relative, inside assets/, so a clone keeps them working
+        assert not Path(link.readlink()).is_absolute() and link.resolve().is_relative_to((ROOT / "assets").resolve())
+
+
+def test_shapes_flow_pipeline_loads_and_samples():
+    """assets/shapes-flow: the SD3-style flow model, its VAE weights a link to assets/shapes-sd's; plain diffusers
+    and diffalign load it (CLIP prompts only, max_sequence_length 0) and sample finite 64 px images."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffalign.pipelines import draw_images, family_of, load_pipeline
+
+    flow = ROOT / "assets" / "shapes-flow"
+    assert (flow / "vae" / "diffusion_pytorch_model.safetensors").is_symlink()
+    plain = StableDiffusion3Pipeline.from_pretrained(
+        str(flow), text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32
+    )
+    assert plain.vae.config.shift_factor is not None
+    pipe = load_pipeline(str(flow))
+    assert family_of(pipe) == "sd3"
+    images = draw_images(pipe, ["a red circle", "two blue squares"], [0, 1], steps=4, guidance=5.0, eta=0.0)
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    assert json.loads((flow / "shapes_info.json").read_text())["world_version"] == 1
 
 
 def test_ensemble_members_load_differ_and_fit_their_budget():

@@ -143,7 +143,8 @@ def test_shipped_configs_load(tmp_path):
             if f.stem == "grpo_ensemble":  # issue 17's members with planted flaws (scripts/overoptimization.py)
                 rewards = [r for r in cfg.reward.rewards if r.startswith("shapes_clip_flawed:model=local-dir:")]
                 assert len(rewards) == 4 and cfg.reward.combine == "wco"
-            assert cfg.model.pretrained == "assets/shapes-sd" and cfg.reward.rewards == rewards
+            base = "assets/shapes-flow" if f.stem.startswith("flow_") else "assets/shapes-sd"  # the flow-matching model
+            assert cfg.model.pretrained == base and cfg.reward.rewards == rewards
             assert cfg.eval.gold == "auto" and cfg.prompts.eval == "shapes:heldout"
     assert methods == {
         "alignprop",
