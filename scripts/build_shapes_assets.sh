@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrain every shapes asset from scratch (resumable: run it again after an interruption).
-# CPU, one job at a time; logs in runs/shapes-sd/log.txt and runs/shapes-clip/log.txt.
+# CPU, one job at a time; logs in runs/shapes-{sd,clip,ensemble/m*,flow}/log.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -15,3 +15,6 @@ for s in 1 2 3 4; do
     $PY scripts/train_shapes_clip.py --work runs/shapes-ensemble/m$s --size small --seed $s --subset 0.6 --steps 1000 \
         --finetune-3obj 300 --threads "${THREADS:-2}" --pool-path runs/shapes-ensemble/pool.pt --export assets/shapes-ensemble/m$s
 done
+# The flow-matching model (SD3-style; issue 20's flow methods): on top of assets/shapes-sd's VAE and CLIP,
+# its VAE weights a link to assets/shapes-sd's.
+$PY scripts/train_shapes_flow.py --work runs/shapes-flow --threads "${THREADS:-2}" --export assets/shapes-flow --link-vae --eval 128

@@ -22,7 +22,7 @@ Stages (each resumes from its own file in ``--work``; a finished stage is skippe
 
 Example (logs and checkpoints under runs/shapes-flow/):
 
-    python scripts/train_shapes_flow.py --work runs/shapes-flow --steps 20000 --export assets/shapes-flow --eval 128
+    python scripts/train_shapes_flow.py --work runs/shapes-flow --export assets/shapes-flow --link-vae --eval 128
 
 Killing it at any moment and running the same command again continues where it stopped (step,
 optimizer, EMA and random state are in the checkpoint, so the result equals an uninterrupted run).
@@ -62,8 +62,8 @@ class Arch:
     """What fixes the trained weights' shapes and the objective; kept in every checkpoint (checked on resume)."""
 
     layers: int = 4
-    width: int = 128  # attention heads x head_dim (the MMDiT's inner width)
-    head_dim: int = 32
+    width: int = 112  # attention heads x head_dim (the MMDiT's inner width); the shipped model's
+    head_dim: int = 28
     patch: int = 2
     shift: float = 1.0  # the flow scheduler's shift, used for training sigmas and sampling alike
 
@@ -392,9 +392,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("runs/shapes-flow"), help="checkpoints and log.txt")
     p.add_argument("--base", type=Path, default=DEFAULT_BASE, help="the shapes SD pipeline whose VAE/CLIP are reused")
     p.add_argument("--data", type=int, default=40_000, help="number of pre-encoded training scenes")
-    p.add_argument("--steps", type=int, default=20_000)
+    p.add_argument("--steps", type=int, default=6_000, help="the shipped model: 6000")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warmup steps")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (ramped up from 0.1 over the first steps)")
