@@ -49,7 +49,8 @@ VARIANTS = ("weighted", "pareto", "dominance")
 
 def variants(weight: float, second: str = KEYS[1], names: tuple[str, ...] = VARIANTS[:2]) -> dict[str, str]:
     """The variants' overrides of configs/shapes/grpo.yaml (``names`` picks them, in VARIANTS' order)."""
-    common = f"--config {CONFIG} reward.rewards=[shapes_clip,{second}] reward.weights=[1,{weight:g}]"
+    # sample.eta=1: the eta the study was measured with (configs/shapes/grpo.yaml now samples at 0.5)
+    common = f"--config {CONFIG} sample.eta=1.0 reward.rewards=[shapes_clip,{second}] reward.weights=[1,{weight:g}]"
     every = {
         "weighted": f"{common} reward.combine=weighted",
         "pareto": f"{common} reward.combine=pareto",
