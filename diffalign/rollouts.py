@@ -466,8 +466,8 @@ def collect(
     ``ctx.initial_latents`` (with ``pairs=True``: N/2 draws, each used by the two consecutive samples
     2k, 2k+1 of a pair, which then differ only by their per-step noise, as D3PO samples pairs; spec
     §5.1), the chain :func:`~diffalign.sampling.sample_trajectory` with ``eta`` and ``ctx.generator``
-    (stochastic only in the first ``sde_steps`` steps when given)
-    (latents x_T..x_0 and log pi_old per step, DDIM Eq. 12 / spec §1.2), ``ctx.decode`` of x_0,
+    (latents x_T..x_0 and log pi_old per step, DDIM Eq. 12 / spec §1.2; stochastic only in the first
+    ``sde_steps`` steps when given), ``ctx.decode`` of x_0,
     ``ctx.reward_values`` (each reward's values, NaN-checked), ``ctx.gather`` of each reward's values and
     of the group ids (every process must call this collectively, with the same N), then ``ctx.combine``
     of the gathered values (``reward.combine`` over the whole sampling batch of all processes; with

@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot-only", action="store_true", help="do not train or draw: read OUT/gallery/scores.jsonl")
     args = p.parse_args(argv)
     keys = (KEYS[0], args.second)
+    chosen = variants(args.weight, args.second, tuple(args.variants))
     study = [
         "--out",
         str(args.out),
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         str(args.png.with_name(args.png.stem + "_training.png")),
         "--title",
         f"{' vs '.join(args.variants)}: GRPO on shapes_clip + W x {args.second}",
-        *[f"--variant={k}={v}" for k, v in variants(args.weight, args.second, tuple(args.variants)).items()],
+        *[f"--variant={k}={v}" for k, v in chosen.items()],
     ]
     study += ["--dry-run"] if args.dry_run else (["--plot-only"] if args.plot_only else [])
     try:
@@ -244,11 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot_only:
             print(f"pareto_study: {gallery / 'scores.jsonl'} is missing; run without --plot-only", file=sys.stderr)
             return 2
-        runs = [
-            f"--run={v}-s{s}={args.out / f'{v}-s{s}'}"
-            for v in variants(args.weight, args.second, tuple(args.variants))
-            for s in args.seeds
-        ]
+        runs = [f"--run={v}-s{s}={args.out / f'{v}-s{s}'}" for v in chosen for s in args.seeds]
         cmd = [sys.executable, "-m", "diffalign", "gallery", *runs, "--prompts", "shapes:heldout"]
         cmd += [
             "--num-prompts",
