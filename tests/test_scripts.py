@@ -11,6 +11,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import before_after  # noqa: E402
+import gold_by_kind  # noqa: E402
 import summarize_runs  # noqa: E402
 
 
@@ -76,3 +77,55 @@ def test_summarize_runs_with_and_without_gold(tmp_path, capsys):
     assert "| shapes | ddpo | 2 | 2.0 | 0.280 | 0.400 (2) | 0.400 | 0.700 -> 0.800 |" in out
     assert "| sd15 | ddpo | 2 | 2.0 | n/a | n/a (best reward at step 1) | n/a | 5.000 -> 5.500 |" in out
     assert "| sd15 | 1 | 1.0 | n/a | n/a / n/a / n/a | 6.000 | n/a |" in out
+
+
+def test_gold_by_kind_counts_each_scene_kind_by_hand():
+    from types import SimpleNamespace as V
+
+    assert [
+        gold_by_kind.scene_kind(p) for p in ["a red circle", "two blue squares", "a red circle and a blue square"]
+    ] == [
+        "single",
+        "two",
+        "pair",
+    ]
+    ok, bad = (
+        V(correct=True, count_ok=True, color_ok=True, shape_ok=True),
+        V(correct=False, count_ok=True, color_ok=False, shape_ok=False),
+    )
+    s = gold_by_kind.summarize(["a red circle", "a red circle", "a red circle and a blue square"], [ok, bad, bad])
+    assert s["all"] == {"n": 3, "accuracy": 1 / 3, "count": 1.0, "color": 1 / 3, "shape": 1 / 3}
+    assert s["single"]["accuracy"] == 0.5 and s["pair"] == {
+        "n": 1,
+        "accuracy": 0.0,
+        "count": 1.0,
+        "color": 0.0,
+        "shape": 0.0,
+    }
+    assert "two" not in s
+
+
+def test_gold_by_kind_measures_base_and_a_lora_on_a_tiny_pipeline(sd_dir, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from diffalign.pipelines import LoraSettings, add_lora, load_pipeline, save_lora
+    from diffalign.shapes import split_prompts
+
+    pipe = load_pipeline(str(sd_dir))
+    with torch.no_grad():
+        for p in add_lora(pipe, LoraSettings(rank=2, alpha=2.0)):
+            p.normal_(std=0.5)
+    save_lora(pipe, tmp_path / "run" / "lora")
+    out = tmp_path / "gold.json"
+    args = ["--model", str(sd_dir), "--lora", str(tmp_path / "run"), "--every", "40", "--seeds", "2", "--steps", "2"]
+    assert gold_by_kind.main([*args, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["base", str(tmp_path / "run")]
+    for split in ("train", "heldout"):
+        n = 2 * len(split_prompts(split)[::40])
+        assert rows["base"][split]["all"]["n"] == n == rows[str(tmp_path / "run")][split]["all"]["n"]
+    assert "| base | heldout |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--lora .*missing: no such file"):
+        gold_by_kind.main([*args, "--no-base", "--lora", str(tmp_path / "missing")])
