@@ -10,6 +10,7 @@ other load, where their own clocks overstate the minutes.
 
     python benchmarks/bench_method_steps.py --out runs/bench-steps            # every configs/shapes/*.yaml method
     python benchmarks/bench_method_steps.py --config grpo --config prdp --steps 4 --json rates.json
+    python benchmarks/bench_method_steps.py --config runs/prdp-s0/config.yaml --threads 1   # exactly what a run ran
 
 Run it on an otherwise idle machine: two torch processes at once slow each other (docs/benchmarks.md).
 """
@@ -52,24 +53,42 @@ def step_rate(run: Path) -> dict[str, float]:
     }
 
 
+def config_path(name: str) -> Path:
+    """configs/shapes/NAME.yaml for a name, or the YAML file itself for a path (a run's ``config.yaml``)."""
+    return Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "configs" / "shapes" / f"{name}.yaml"
+
+
+def run_dir_name(name: str) -> str:
+    """A directory name for a config: the name, or for a run's ``config.yaml`` its run directory's name."""
+    path = Path(name)
+    if not name.endswith((".yaml", ".yml")):
+        return name
+    return path.parent.name if path.stem == "config" and path.parent.name else path.stem
+
+
 def run_config(name: str, out: Path, steps: int, threads: int, extra: list[str]) -> dict[str, float]:
-    """``diffalign train`` of configs/shapes/NAME.yaml for ``steps`` steps into OUT/NAME; its rates."""
-    run = out / name
-    cmd = [sys.executable, "-m", "diffalign", "train", "--config", str(ROOT / "configs" / "shapes" / f"{name}.yaml")]
+    """``diffalign train`` of ``config_path(name)`` for ``steps`` steps into OUT/``run_dir_name(name)``; its rates."""
+    run = out / run_dir_name(name)
+    cmd = [sys.executable, "-m", "diffalign", "train", "--config", str(config_path(name))]
     cmd += ["--output-dir", str(run), f"train.steps={steps}", "eval.every=0", "checkpoint.every=0"]
     cmd += ["log.progress=false", "log.sample_every=0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
     start = time.perf_counter()
-    with open(out / f"{name}.log", "w") as log:
+    log_path = out / f"{run_dir_name(name)}.log"
+    with open(log_path, "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     if rc != 0:
-        raise SystemExit(f"bench_method_steps: {name} exited {rc}; see {out / (name + '.log')}")
+        raise SystemExit(f"bench_method_steps: {name} exited {rc}; see {log_path}")
     return {**step_rate(run), "wall_seconds": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", action="append", help="a configs/shapes name (repeat; default: every method's)")
+    p.add_argument(
+        "--config",
+        action="append",
+        help="a configs/shapes name or a YAML path such as a run's config.yaml (repeat; default: every method's)",
+    )
     p.add_argument("--steps", type=int, default=5, help="training steps per config (the first is not timed)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-steps")
@@ -80,15 +99,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench_method_steps: --steps must be >= 2 (the first step is not timed)")
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.config or DEFAULT_CONFIGS
-    missing = [n for n in names if not (ROOT / "configs" / "shapes" / f"{n}.yaml").is_file()]
+    missing = [n for n in names if not config_path(n).is_file()]
     if missing:
-        raise SystemExit(f"bench_method_steps: no configs/shapes/{missing[0]}.yaml; choose from {DEFAULT_CONFIGS}")
+        raise SystemExit(
+            f"bench_method_steps: no config {config_path(missing[0])}; give a YAML path or one of {DEFAULT_CONFIGS}"
+        )
+    clash = [n for n in names if [run_dir_name(m) for m in names].count(run_dir_name(n)) > 1]
+    if clash:
+        raise SystemExit(f"bench_method_steps: two configs would share the run directory {run_dir_name(clash[0])!r}")
     rates = {}
-    print(f"{'config':<12} {'s/step':>8} {'min':>7} {'max':>7} {'s/eval':>7}")
+    width = max(12, *(len(n) for n in names))
+    print(f"{'config':<{width}} {'s/step':>8} {'min':>7} {'max':>7} {'s/eval':>7}")
     for name in names:
         r = rates[name] = run_config(name, args.out, args.steps, args.threads, args.extra)
         print(
-            f"{name:<12} {r['step_seconds']:8.2f} {r['step_seconds_min']:7.2f} {r['step_seconds_max']:7.2f} "
+            f"{name:<{width}} {r['step_seconds']:8.2f} {r['step_seconds_min']:7.2f} {r['step_seconds_max']:7.2f} "
             f"{r['eval_seconds']:7.1f}",
             flush=True,
         )

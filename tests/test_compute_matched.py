@@ -57,3 +57,26 @@ def test_elapsed_without_rates_and_bad_inputs(tmp_path):
         cm.parse_method("grpo-runs")
     with pytest.raises(SystemExit, match="does not exist"):
         cm.load_curve(tmp_path / "missing", None)
+
+
+def test_bench_method_steps_times_a_runs_own_config_yaml(sd_dir, tmp_path, monkeypatch, capsys):
+    """``--config RUN/config.yaml``: the rates of exactly what a run ran, keyed by the path as given."""
+    from train_fixtures import subprocess_env, tiny_config, write_config
+
+    spec = importlib.util.spec_from_file_location("bench_method_steps", ROOT / "benchmarks" / "bench_method_steps.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.run_dir_name("runs/prdp-s0/config.yaml") == "prdp-s0" and bench.run_dir_name("grpo") == "grpo"
+    assert bench.config_path("grpo") == ROOT / "configs" / "shapes" / "grpo.yaml"
+    (tmp_path / "run-a").mkdir()
+    cfg = write_config(tmp_path / "run-a" / "config.yaml", tiny_config(sd_dir, tmp_path / "ignored"))
+    for key, value in subprocess_env().items():
+        monkeypatch.setenv(key, value)
+    bench.main(["--config", str(cfg), "--steps", "2", "--threads", "1", "--out", str(tmp_path / "bench")])
+    rates = json.loads((tmp_path / "bench" / "rates.json").read_text())["rates"]
+    assert list(rates) == [str(cfg)] and rates[str(cfg)]["step_seconds"] > 0 and rates[str(cfg)]["steps_timed"] == 1
+    assert (tmp_path / "bench" / "run-a" / "metrics.jsonl").is_file() and not (tmp_path / "ignored").exists()
+    with pytest.raises(SystemExit, match="no config .*nothing.yaml; give a YAML path"):
+        bench.main(["--config", str(tmp_path / "nothing.yaml"), "--out", str(tmp_path / "bench")])
+    with pytest.raises(SystemExit, match="share the run directory 'run-a'"):
+        bench.main(["--config", str(cfg), "--config", str(cfg), "--out", str(tmp_path / "bench")])
