@@ -5,7 +5,9 @@
         --method "PRDP=prdp:runs/prdp-s0,runs/prdp-s1,runs/prdp-s2" \\
         --budget 5 --budget 10 --png docs/images/compute_matched.png
 
-Each ``--method LABEL=CONFIG:RUN[,RUN...]`` names runs of one config over several seeds. A run's
+Each ``--method LABEL=CONFIG:RUN[,RUN...]`` names runs of one config over several seeds; ``--offset
+LABEL=MINUTES`` adds a method's fixed cost before its first step (an offline method's preference data, say)
+to every evaluation after step 0. A run's
 evaluation at step s is placed at ``s x rate`` minutes, ``rate`` being CONFIG's seconds per training step
 measured alone on the machine by ``benchmarks/bench_method_steps.py`` (``--rates``), so runs measured two at
 a time or under other load compare on the minutes they would take alone; evaluation time is not counted
@@ -51,8 +53,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_curve(run: Path, rate: float | None) -> Curve:
-    """Evaluations of ``run`` at ``step x rate / 60`` minutes, or at the run's own elapsed time."""
+def load_curve(run: Path, rate: float | None, offset: float = 0.0) -> Curve:
+    """Evaluations of ``run`` at ``step x rate / 60`` minutes, or at the run's own elapsed time; ``offset``
+    minutes are added to every evaluation after step 0 (a fixed cost paid before training)."""
     evals = read_jsonl(run / "eval.jsonl")
     elapsed = {r["step"]: r["time"]["elapsed"] for r in read_jsonl(run / "metrics.jsonl") if "time" in r}
     points = []
@@ -66,7 +69,7 @@ def load_curve(run: Path, rate: float | None) -> Curve:
             minutes = elapsed[step] / 60.0
         else:
             continue
-        points.append((minutes, rec))
+        points.append((minutes + (offset if step > 0 else 0.0), rec))
     return Curve(run, sorted(points, key=lambda p: p[0]))
 
 
@@ -77,6 +80,18 @@ def parse_method(text: str) -> tuple[str, str, list[Path]]:
     if not sep or not sep2 or not label or not config or not runs:
         raise SystemExit(f"compute_matched: --method {text!r} is not LABEL=CONFIG:RUN[,RUN...]")
     return label, config, [Path(r) for r in runs.split(",") if r]
+
+
+def parse_offset(text: str) -> tuple[str, float]:
+    """``LABEL=MINUTES`` -> (label, minutes >= 0)."""
+    label, sep, value = text.partition("=")
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if not sep or not label or not minutes >= 0:
+        raise SystemExit(f"compute_matched: --offset {text!r} is not LABEL=MINUTES (minutes >= 0)")
+    return label, minutes
 
 
 def summary(values: list[float]) -> str:
@@ -143,18 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", action="append", required=True, help="LABEL=CONFIG:RUN[,RUN...] (repeat)")
     p.add_argument("--rates", type=Path, default=None, help="rates.json of benchmarks/bench_method_steps.py")
+    p.add_argument("--offset", action="append", default=[], help="LABEL=MINUTES before a method's first step (repeat)")
     p.add_argument("--budget", type=float, action="append", default=[], help="minutes for the table (repeat)")
     p.add_argument("--png", type=Path, default=Path("outputs/compute_matched.png"))
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
     rates = json.loads(args.rates.read_text())["rates"] if args.rates else None
+    offsets = dict(parse_offset(text) for text in args.offset)
     methods: dict[str, list[Curve]] = {}
     for text in args.method:
         label, config, runs = parse_method(text)
         if rates is not None and config not in rates:
             raise SystemExit(f"compute_matched: {args.rates} has no rate for {config!r} (it has {sorted(rates)})")
         rate = rates[config]["step_seconds"] if rates is not None else None
-        methods[label] = [load_curve(r, rate) for r in runs]
+        methods[label] = [load_curve(r, rate, offsets.get(label, 0.0)) for r in runs]
+    unknown = sorted(set(offsets) - set(methods))
+    if unknown:
+        raise SystemExit(
+            f"compute_matched: --offset {unknown[0]!r} names no --method label (labels: {sorted(methods)})"
+        )
     plot(methods, args.png, title=args.title)
     budgets = args.budget or [max(m for cs in methods.values() for c in cs for m, _ in c.points)]
     print(table(methods, budgets))

@@ -48,6 +48,23 @@ def test_minutes_from_rates_table_and_png(tmp_path, capsys):
     assert png.stat().st_size > 5000
 
 
+def test_offset_moves_every_trained_evaluation_but_the_base(tmp_path, capsys):
+    cm = load_script()
+    a = fake_run(tmp_path / "dpo0", {0: 0.28, 10: 0.38}, 30.0)
+    rates = tmp_path / "rates.json"
+    rates.write_text(json.dumps({"rates": {"dpo": {"step_seconds": 6.0}}}))
+    curve = cm.load_curve(a, 6.0, offset=2.5)
+    assert [m for m, _ in curve.points] == [0.0, 3.5]  # step 10 x 6 s = 1 min, + 2.5 min of preference data
+    args = ["--rates", str(rates), "--method", f"DPO=dpo:{a}", "--png", str(tmp_path / "p.png")]
+    cm.main([*args, "--offset", "DPO=2.5", "--budget", "3", "--budget", "4"])
+    out = capsys.readouterr().out
+    assert "| DPO | 3 (step 0) |" in out and "| DPO | 4 (step 10) | 1 | 0.380" in out
+    with pytest.raises(SystemExit, match="names no --method label"):
+        cm.main([*args, "--offset", "GRPO=1"])
+    with pytest.raises(SystemExit, match="is not LABEL=MINUTES"):
+        cm.main([*args, "--offset", "DPO=-1"])
+
+
 def test_elapsed_without_rates_and_bad_inputs(tmp_path):
     cm = load_script()
     run = fake_run(tmp_path / "r", {0: 0.28, 10: 0.4}, 30.0)
