@@ -41,7 +41,7 @@ class Curve:
         """The last evaluation at or before ``minutes`` (None when even the first is later)."""
         last = None
         for m, rec in self.points:
-            if m <= minutes + 1e-9:
+            if m <= minutes + 1e-6:  # the plot's grid rounds minutes to 6 decimals
                 last = rec
         return last
 

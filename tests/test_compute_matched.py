@@ -53,6 +53,8 @@ def test_offset_moves_every_trained_evaluation_but_the_base(tmp_path, capsys):
     a = fake_run(tmp_path / "dpo0", {0: 0.28, 10: 0.38}, 30.0)
     rates = tmp_path / "rates.json"
     rates.write_text(json.dumps({"rates": {"dpo": {"step_seconds": 6.0}}}))
+    third = cm.load_curve(a, 2.0)  # step 10 at 1/3 minute: the plot's grid (6 decimals) rounds it down
+    assert third.at(round(1 / 3, 6))["step"] == 10
     curve = cm.load_curve(a, 6.0, offset=2.5)
     assert [m for m, _ in curve.points] == [0.0, 3.5]  # step 10 x 6 s = 1 min, + 2.5 min of preference data
     args = ["--rates", str(rates), "--method", f"DPO=dpo:{a}", "--png", str(tmp_path / "p.png")]
