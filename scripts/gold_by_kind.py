@@ -10,7 +10,7 @@ script also scores the training compositions, so that a gain a method makes on t
 single object drawn once instead of twice, say) is told apart from a gain that generalizes to unseen
 compositions. Images are drawn as a run's evaluation draws them (:func:`diffalign.evaluation.generate_images`:
 the sampler's deterministic chain at ``--eta``, one generator per (prompt, seed)), so base and LoRA rows see
-the same initial noise. ``--lora`` takes a LoRA directory or file, or a run directory (its ``lora/``).
+the same initial noise. ``--lora`` takes a LoRA directory or file, or a run directory (its final LoRA).
 """
 
 from __future__ import annotations
@@ -53,19 +53,23 @@ def summarize(prompts: list[str], verdicts: list[Any]) -> dict[str, Any]:
             "shape": sum(v.shape_ok for v in vs) / n,
         }
 
+    kinds = [scene_kind(p) for p in prompts]
     out = {"all": stats(verdicts)}
     for kind in KINDS:
-        mine = [v for p, v in zip(prompts, verdicts, strict=True) if scene_kind(p) == kind]
+        mine = [v for k, v in zip(kinds, verdicts, strict=True) if k == kind]
         if mine:
             out[kind] = stats(mine)
     return out
 
 
 def lora_path(given: str) -> Path:
-    """A LoRA file or directory as given, or a run directory's ``lora/``; a missing path is a one-line error."""
+    """A LoRA file or directory as given, or a run directory's final LoRA (its newest checkpoint's while the run
+    is unfinished: :meth:`diffalign.gallery.rundir.RunDir.lora`); a missing path is a one-line error."""
     path = Path(given)
-    if (path / "lora").is_dir():
-        return path / "lora"
+    if (path / "config.yaml").is_file():
+        from diffalign.gallery.rundir import RunDir
+
+        return RunDir.open(path).lora()[0]
     if not path.exists():
         raise DiffalignError(f"--lora {given}: no such file or directory (give a LoRA directory or a run directory)")
     return path

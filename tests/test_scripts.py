@@ -109,6 +109,7 @@ def test_gold_by_kind_measures_base_and_a_lora_on_a_tiny_pipeline(sd_dir, tmp_pa
     import json
 
     import torch
+    from train_fixtures import tiny_config, write_config
 
     from diffalign.pipelines import LoraSettings, add_lora, load_pipeline, save_lora
     from diffalign.shapes import split_prompts
@@ -118,6 +119,7 @@ def test_gold_by_kind_measures_base_and_a_lora_on_a_tiny_pipeline(sd_dir, tmp_pa
         for p in add_lora(pipe, LoraSettings(rank=2, alpha=2.0)):
             p.normal_(std=0.5)
     save_lora(pipe, tmp_path / "run" / "lora")
+    write_config(tmp_path / "run" / "config.yaml", tiny_config(sd_dir, tmp_path / "run"))  # a run directory
     out = tmp_path / "gold.json"
     args = ["--model", str(sd_dir), "--lora", str(tmp_path / "run"), "--every", "40", "--seeds", "2", "--steps", "2"]
     assert gold_by_kind.main([*args, "--json", str(out)]) == 0
