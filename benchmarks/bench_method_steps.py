@@ -53,16 +53,21 @@ def step_rate(run: Path) -> dict[str, float]:
     }
 
 
+def is_yaml_path(name: str) -> bool:
+    """Whether ``--config`` names a YAML file (a run's ``config.yaml``) rather than a configs/shapes name."""
+    return name.endswith((".yaml", ".yml"))
+
+
 def config_path(name: str) -> Path:
     """configs/shapes/NAME.yaml for a name, or the YAML file itself for a path (a run's ``config.yaml``)."""
-    return Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "configs" / "shapes" / f"{name}.yaml"
+    return Path(name) if is_yaml_path(name) else ROOT / "configs" / "shapes" / f"{name}.yaml"
 
 
 def run_dir_name(name: str) -> str:
     """A directory name for a config: the name, or for a run's ``config.yaml`` its run directory's name."""
-    path = Path(name)
-    if not name.endswith((".yaml", ".yml")):
+    if not is_yaml_path(name):
         return name
+    path = Path(name)
     return path.parent.name if path.stem == "config" and path.parent.name else path.stem
 
 
@@ -74,7 +79,7 @@ def run_config(name: str, out: Path, steps: int, threads: int, extra: list[str])
     cmd += ["log.progress=false", "log.sample_every=0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
     start = time.perf_counter()
-    log_path = out / f"{run_dir_name(name)}.log"
+    log_path = out / f"{run.name}.log"
     with open(log_path, "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     if rc != 0:
@@ -104,9 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"bench_method_steps: no config {config_path(missing[0])}; give a YAML path or one of {DEFAULT_CONFIGS}"
         )
-    clash = [n for n in names if [run_dir_name(m) for m in names].count(run_dir_name(n)) > 1]
+    dirs = [run_dir_name(n) for n in names]
+    clash = [d for d in dirs if dirs.count(d) > 1]
     if clash:
-        raise SystemExit(f"bench_method_steps: two configs would share the run directory {run_dir_name(clash[0])!r}")
+        raise SystemExit(f"bench_method_steps: two configs would share the run directory {clash[0]!r}")
     rates = {}
     width = max(12, *(len(n) for n in names))
     print(f"{'config':<{width}} {'s/step':>8} {'min':>7} {'max':>7} {'s/eval':>7}")
