@@ -198,8 +198,16 @@ def command(variant: Variant, seed: int, out: Path, steps: int, extra: Sequence[
     return cmd + [*variant.overrides, *extra, f"train.seed={seed}", f"train.steps={steps}"]
 
 
-def run_all(jobs: list[tuple[str, list[str]]], out: Path, threads: int, parallel: int, poll: float = 2.0) -> list[str]:
-    """Run the commands, ``parallel`` at a time, logs in ``OUT/logs``; returns the names of failed runs."""
+def run_all(
+    jobs: list[tuple[str, list[str]]],
+    out: Path,
+    threads: int,
+    parallel: int,
+    poll: float = 2.0,
+    tag: str = "hacking_study",
+) -> list[str]:
+    """Run the commands, ``parallel`` at a time, logs in ``OUT/logs``; returns the names of failed runs.
+    ``tag`` prefixes the progress lines (the calling script's name)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS=str(threads))
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -210,7 +218,7 @@ def run_all(jobs: list[tuple[str, list[str]]], out: Path, threads: int, parallel
             log = open(logs / f"{name}.log", "a", encoding="utf-8")  # noqa: SIM115 (closed when the run ends)
             log.write(f"$ {shlex.join(cmd)}\n")
             log.flush()
-            print(f"hacking_study: start {name} (log: {logs / f'{name}.log'})", flush=True)
+            print(f"{tag}: start {name} (log: {logs / f'{name}.log'})", flush=True)
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             running.append((name, proc, log))
         time.sleep(poll)
@@ -221,7 +229,7 @@ def run_all(jobs: list[tuple[str, list[str]]], out: Path, threads: int, parallel
             running.remove(item)
             log.close()
             status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-            print(f"hacking_study: {name} {status}", flush=True)
+            print(f"{tag}: {name} {status}", flush=True)
             if proc.returncode != 0:
                 failed.append(name)
     return failed

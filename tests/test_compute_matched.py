@@ -99,3 +99,62 @@ def test_bench_method_steps_times_a_runs_own_config_yaml(sd_dir, tmp_path, monke
         bench.main(["--config", str(tmp_path / "nothing.yaml"), "--out", str(tmp_path / "bench")])
     with pytest.raises(SystemExit, match="share the run directory 'run-a'"):
         bench.main(["--config", str(cfg), "--config", str(cfg), "--out", str(tmp_path / "bench")])
+
+
+def load_study():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("compute_matched_study", ROOT / "scripts" / "compute_matched_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compute_matched_study"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_commands_are_valid_configs_and_resume(tmp_path, capsys):
+    """Every run the one-command study would start loads as a config; checkpoints -> --resume; done -> skipped."""
+    from diffalign.config import DiffalignConfig
+
+    study = load_study()
+    out = tmp_path / "cm"
+    (out / "shapes-prefs").mkdir(parents=True)
+    (out / "shapes-prefs" / "prefs.jsonl").write_text("")
+    (out / "grpo-s1" / "checkpoints" / "step_10").mkdir(parents=True)
+    done = fake_run(out / "ddpo-s0", {0: 0.28, 60: 0.3}, 1.0)
+    (done / "lora").mkdir()
+    assert study.main(["--dry-run", "--out", str(out), "--seeds", "0", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    trains = [line.split(" ", 2)[2].split() for line in lines if " train " in line]
+    assert len(trains) == 7 * 2 - 1  # seven methods x two seeds, minus the finished DDPO run
+    assert not any("ddpo-s0" in " ".join(words) for words in trains)
+    assert not any(" prefs " in line for line in lines)  # the preference set exists
+    for words in trains:
+        i = words.index("--config")
+        overrides = [w.strip("'") for w in words if "=" in w and not w.startswith("-")]
+        cfg = DiffalignConfig.from_yaml(words[i + 1], overrides)
+        assert cfg.train.seed in (0, 1)
+        assert ("--resume" in words) == words[words.index("--output-dir") + 1].endswith("grpo-s1")
+    assert sum("bench_method_steps.py" in line for line in lines) == 7
+    assert study.main(["--dry-run", "--out", str(tmp_path / "new"), "--only", "Diffusion-DPO"]) == 0
+    assert " prefs " in capsys.readouterr().out.splitlines()[0]
+
+
+def test_study_plot_only_and_bad_names(tmp_path, capsys):
+    study = load_study()
+    out = tmp_path / "cm"
+    for key, rate in (("grpo", 12.0), ("alignprop", 6.0)):
+        run = fake_run(out / f"{key}-s0", {0: 0.28, 10: 0.4}, 99.0)
+        (run / "config.yaml").write_text("train: {}\n")
+        bench = out / "bench" / f"{key}.json"
+        bench.parent.mkdir(parents=True, exist_ok=True)
+        bench.write_text(json.dumps({"rates": {str((run / "config.yaml").resolve()): {"step_seconds": rate}}}))
+    png = tmp_path / "p.png"
+    args = ["--plot-only", "--out", str(out), "--seeds", "0", "--png", str(png), "--budget", "1", "--budget", "2"]
+    assert study.main([*args, "--only", "GRPO", "--only", "alignprop"]) == 0
+    text = capsys.readouterr().out
+    assert "| GRPO | 2 (step 10) | 1 | 0.400" in text and "| GRPO | 1 (step 0) |" in text  # 10 x 12 s = 2 min
+    assert "| AlignProp (proxy reward) | 1 (step 10) | 1 | 0.400" in text  # 10 x 6 s = 1 min
+    assert png.stat().st_size > 5000
+    assert study.main([*args, "--only", "nope"]) == 2
+    assert "is not a method of the study" in capsys.readouterr().err
+    assert study.main(["--plot-only", "--out", str(tmp_path / "empty"), "--only", "ddpo"]) == 2
+    assert "no finished run" in capsys.readouterr().err
