@@ -85,7 +85,9 @@ def default_methods() -> list[Method]:
         ),
         Method("ddpo", "DDPO", "configs/shapes/ddpo.yaml", 60, [*GOLD_REWARD]),
         Method("dpo", "Diffusion-DPO (gold-ranked pairs)", "configs/shapes/dpo.yaml", 400, needs_prefs=True),
-        Method("adv", "Adv-GRPO (adversarial reward)", "configs/shapes/adv_grpo.yaml", 20, ["eval.rewards=[shapes_clip]"]),
+        Method(
+            "adv", "Adv-GRPO (adversarial reward)", "configs/shapes/adv_grpo.yaml", 20, ["eval.rewards=[shapes_clip]"]
+        ),
         # reward backprop needs a differentiable reward: the proxy, as the demo; K varies per step, so time more
         Method("alignprop", "AlignProp (proxy reward)", "configs/shapes/alignprop.yaml", 100, ["eval.every=25"], 16),
     ]
@@ -213,7 +215,9 @@ def _main(args: argparse.Namespace) -> int:
         for _, cmd in jobs:
             print(prefix + shlex.join(cmd))
         for m in methods:
-            print(prefix + shlex.join(bench_command(m, m.run_dir(out, args.seeds[0]) / "config.yaml", out, args.threads)))
+            print(
+                prefix + shlex.join(bench_command(m, m.run_dir(out, args.seeds[0]) / "config.yaml", out, args.threads))
+            )
         return 0
 
     out.mkdir(parents=True, exist_ok=True)

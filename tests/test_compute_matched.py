@@ -103,7 +103,9 @@ def test_bench_method_steps_times_a_runs_own_config_yaml(sd_dir, tmp_path, monke
 
 def load_study():
     sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("compute_matched_study", ROOT / "scripts" / "compute_matched_study.py")
+    spec = importlib.util.spec_from_file_location(
+        "compute_matched_study", ROOT / "scripts" / "compute_matched_study.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["compute_matched_study"] = module
     spec.loader.exec_module(module)
