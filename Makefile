@@ -45,9 +45,11 @@ format: venv
 	$(VENV)/bin/ruff check --fix .
 
 # The main job on the embedded default: AlignProp on the shapes world (CPU). Prints where the LoRA,
-# the metrics and the before/after images are.
+# the metrics and the before/after images are. OpenMP's default wait policy (threads spin briefly between
+# parallel regions): alone on the machine, 2 threads step about 25 % faster than with OMP_WAIT_POLICY=PASSIVE
+# (docs/benchmarks.md); PASSIVE is for when another torch process shares the cores (`make test` sets it).
 demo: venv
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/diffalign train --config configs/shapes/alignprop.yaml
+	$(VENV)/bin/diffalign train --config configs/shapes/alignprop.yaml
 
 # Headless Chromium for the gallery's browser tests (tests/test_gallery.py): Debian's chromium package,
 # installed where root and apt-get are available; elsewhere those tests skip and say why.
