@@ -157,3 +157,21 @@ def test_cosine_schedule_reaches_zero_at_the_last_update(tmp_path, sd_dir, metho
 
     assert [m["lr"] for m in metrics] == pytest.approx([expected(m["updates"]) for m in metrics], abs=1e-12)
     assert metrics[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_gradient_checkpointing_changes_no_number(tmp_path, sd_dir):
+    """The shipped demo turns activation checkpointing off for speed: recomputing a UNet call in the backward
+    gives the very same gradients, so metrics, evaluations and the exported LoRA are bit-identical."""
+    from train_fixtures import assert_same_run
+
+    runs = {}
+    for ckpt in (True, False):
+        out = tmp_path / f"ckpt-{ckpt}"
+        cfg = tiny_config(
+            sd_dir, out, model={"gradient_checkpointing": ckpt}, alignprop={"truncation": "uniform"}, eval={"every": 3}
+        )
+        (tmp_path / str(ckpt)).mkdir()
+        assert train(tmp_path / str(ckpt), cfg) == 0
+        runs[ckpt] = out
+    assert_same_run(runs[True], runs[False], "gradient_checkpointing true vs false")
+    assert rows(runs[False] / "metrics.jsonl")[0]["grad_norm"] > 0
