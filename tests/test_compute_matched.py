@@ -138,6 +138,11 @@ def test_study_commands_are_valid_configs_and_resume(tmp_path, capsys):
     assert sum("bench_method_steps.py" in line for line in lines) == 7
     assert study.main(["--dry-run", "--out", str(tmp_path / "new"), "--only", "Diffusion-DPO"]) == 0
     assert " prefs " in capsys.readouterr().out.splitlines()[0]
+    assert study.main(["--dry-run", "--out", str(tmp_path / "new"), "--only", "draft_lv", "--seeds", "0"]) == 0
+    words = [line.split() for line in capsys.readouterr().out.splitlines() if " train " in line]
+    assert len(words) == 1 and words[0][words[0].index("--config") + 1].endswith("draft_lv.yaml")
+    cfg = DiffalignConfig.from_yaml(words[0][words[0].index("--config") + 1], ["train.steps=200"])
+    assert cfg.train.method == "draft_lv"
 
 
 def test_study_plot_only_and_bad_names(tmp_path, capsys):
