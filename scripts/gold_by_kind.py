@@ -77,7 +77,15 @@ def lora_path(given: str) -> Path:
 
 @torch.no_grad()
 def measure(
-    model: str, lora: str | None, splits: list[str], seeds: int, every: int, steps: int, cfg: float, eta: float
+    model: str,
+    lora: str | None,
+    splits: list[str],
+    seeds: int,
+    every: int,
+    steps: int,
+    cfg: float,
+    eta: float,
+    batch_size: int = 48,
 ) -> dict[str, Any]:
     """Gold statistics of ``model`` (with ``lora`` loaded when given) per split."""
     from diffalign.config import SampleConfig
@@ -94,7 +102,7 @@ def measure(
     for split in splits:
         prompts = split_prompts(split)[::every]
         items = [(i, s) for i in range(len(prompts)) for s in range(seeds)]
-        images = generate_images(ctx, prompts, items, eta, batch_size=48)
+        images = generate_images(ctx, prompts, items, eta, batch_size=batch_size)
         drawn = [prompts[i] for i, _ in items]
         result[split] = summarize(drawn, verify_batch(images, drawn))
     return result
@@ -130,17 +138,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--eta", type=float, default=0.0, help="0: the deterministic sampler, as the configs' evaluation")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=48,
+        help="images per sampling batch (30: a run's evaluation batches, whose images it then repeats bit for bit)",
+    )
     p.add_argument("--no-base", action="store_true", help="skip the base pipeline's row")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.every < 1:
-        raise SystemExit("gold_by_kind: --seeds and --every must be >= 1")
+    if args.seeds < 1 or args.every < 1 or args.batch_size < 1:
+        raise SystemExit("gold_by_kind: --seeds, --every and --batch-size must be >= 1")
     torch.set_num_threads(args.threads)
     rows: dict[str, dict[str, Any]] = {}
     try:
         for lora in ([] if args.no_base else [None]) + args.lora:
             name = "base" if lora is None else lora
-            rows[name] = measure(args.model, lora, args.splits, args.seeds, args.every, args.steps, args.cfg, args.eta)
+            rows[name] = measure(
+                args.model, lora, args.splits, args.seeds, args.every, args.steps, args.cfg, args.eta, args.batch_size
+            )
             print(f"gold_by_kind: measured {name}", file=sys.stderr, flush=True)
     except DiffalignError as exc:
         raise SystemExit(f"gold_by_kind: {exc}") from None

@@ -131,3 +131,5 @@ def test_gold_by_kind_measures_base_and_a_lora_on_a_tiny_pipeline(sd_dir, tmp_pa
     assert "| base | heldout |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--lora .*missing: no such file"):
         gold_by_kind.main([*args, "--no-base", "--lora", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="--batch-size must be >= 1"):
+        gold_by_kind.main([*args, "--batch-size", "0"])
