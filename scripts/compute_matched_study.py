@@ -153,6 +153,18 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def rate_config(run: Path) -> Path:
+    """The config whose rate places ``run``'s evaluations: its config.yaml, resolved (the rates' key; the
+    bench runs from the checkout)."""
+    return (run / "config.yaml").resolve()
+
+
+def timed_rates(method: Method, config: Path, out: Path) -> dict[str, dict]:
+    """OUT/bench/<key>.json's rates when they hold ``config``'s, else {} (then it still needs timing)."""
+    rates = read_json(out / "bench" / f"{method.key}.json").get("rates", {})
+    return rates if str(config) in rates else {}
+
+
 def select(methods: list[Method], only: list[str]) -> list[Method]:
     """The methods named by ``--only`` (key or label, case-insensitive), the default ones when none;
     unknown -> one line."""
@@ -227,9 +239,9 @@ def _main(args: argparse.Namespace) -> int:
         for _, cmd in jobs:
             print(prefix + shlex.join(cmd))
         for m in methods:
-            print(
-                prefix + shlex.join(bench_command(m, m.run_dir(out, args.seeds[0]) / "config.yaml", out, args.threads))
-            )
+            config = rate_config(m.run_dir(out, args.seeds[0]))
+            if not timed_rates(m, config, out):
+                print(prefix + shlex.join(bench_command(m, config, out, args.threads)))
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
@@ -244,23 +256,25 @@ def _main(args: argparse.Namespace) -> int:
 
     rates: dict[str, dict] = {}
     method_args, offsets = [], []
+    prefs_seconds = read_json(timing).get(PREFS_KEY)
     for m in methods:
         runs = [m.run_dir(out, s) for s in args.seeds if (m.run_dir(out, s) / "eval.jsonl").is_file()]
         if not runs:
             print(f"compute_matched_study: no finished run of {m.key} under {out}; left out")
             continue
-        config = (runs[0] / "config.yaml").resolve()  # the rates' key (bench runs from the checkout)
-        bench_json = out / "bench" / f"{m.key}.json"
-        if str(config) not in read_json(bench_json).get("rates", {}):
+        config = rate_config(runs[0])
+        timed = timed_rates(m, config, out)
+        if not timed:
             (out / "bench").mkdir(parents=True, exist_ok=True)
             print(f"compute_matched_study: timing {config} alone ({m.bench_steps} steps)", flush=True)
             proc = subprocess.run(bench_command(m, config, out, args.threads), cwd=ROOT, check=False)
             if proc.returncode != 0:
                 raise hacking_study.StudyError(f"timing {config} failed (exit {proc.returncode})")
-        rates |= read_json(bench_json)["rates"]
+            timed = timed_rates(m, config, out)
+        rates |= timed
         method_args += ["--method", f"{m.label}={config}:{','.join(map(str, runs))}"]
-        if m.needs_prefs and PREFS_KEY in read_json(timing):
-            offsets += ["--offset", f"{m.label}={read_json(timing)[PREFS_KEY] / 60:.2f}"]
+        if m.needs_prefs and prefs_seconds is not None:
+            offsets += ["--offset", f"{m.label}={prefs_seconds / 60:.2f}"]
     if not method_args:
         raise hacking_study.StudyError(f"no finished run under {out}; run the study first (without --plot-only)")
     rates_file = out / "bench" / "rates.json"
