@@ -458,6 +458,7 @@ def collect(
     sampler: Sampler | None = None,
     select_in_groups: bool = False,
     sde_steps: int | None = None,
+    share_noise: int = 1,
 ) -> Collected:
     """Sample one batch of trajectories under theta_old and score them (spec §1.5, §2.3; no gradient).
 
@@ -465,7 +466,8 @@ def collect(
     :func:`grouped_prompts`), in this order: ``ctx.denoiser(prompts)``, the initial latents
     ``ctx.initial_latents`` (with ``pairs=True``: N/2 draws, each used by the two consecutive samples
     2k, 2k+1 of a pair, which then differ only by their per-step noise, as D3PO samples pairs; spec
-    §5.1), the chain :func:`~diffalign.sampling.sample_trajectory` with ``eta`` and ``ctx.generator``
+    §5.1; ``share_noise=k``: N/k draws, each used by k consecutive samples, as DanceGRPO starts a
+    prompt's group from one x_T), the chain :func:`~diffalign.sampling.sample_trajectory` with ``eta`` and ``ctx.generator``
     (latents x_T..x_0 and log pi_old per step, DDIM Eq. 12 / spec §1.2; stochastic only in the first
     ``sde_steps`` steps when given), ``ctx.decode`` of x_0,
     ``ctx.reward_values`` (each reward's values, NaN-checked), ``ctx.gather`` of each reward's values and
@@ -484,11 +486,15 @@ def collect(
         raise ValueError(f"need one group id per prompt: {n} prompts, {ids.numel()} ids")
     if pairs and n % 2:
         raise ValueError(f"pairs=True needs an even number of samples, got {n}")
+    if pairs:
+        share_noise = 2
+    if share_noise < 1 or n % share_noise:
+        raise ValueError(f"share_noise={share_noise} must be >= 1 and divide the number of samples, {n}")
     sampler = make_sampler(sampler) if sampler is not None else ctx.sampler
     with torch.no_grad():
         denoise = ctx.denoiser(prompts)
-        if pairs:
-            x_T = ctx.initial_latents(n // 2).repeat_interleave(2, dim=0)
+        if share_noise > 1:
+            x_T = ctx.initial_latents(n // share_noise).repeat_interleave(share_noise, dim=0)
         else:
             x_T = ctx.initial_latents(n)
         traj = sample_trajectory(denoise, sampler, x_T, eta=eta, generator=ctx.generator, sde_steps=sde_steps)

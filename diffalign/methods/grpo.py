@@ -69,6 +69,10 @@ class GRPOConfig:
     # W > 0: only the first W sampling steps are stochastic (sample.eta), the rest deterministic (eta 0, as
     # evaluation); training draws its steps from those W (Flow-GRPO-Fast's window at step 0). 0: all T steps
     sde_window: int = 0
+    # true: the G samples of a prompt's group start from one initial noise x_T and differ only by the
+    # sampler's per-step noise (DanceGRPO, Xue et al. 2025, arXiv 2505.07818), so a group's reward
+    # differences come from the stochastic steps the policy gradient trains, not from x_T; needs eta > 0
+    shared_noise: bool = False
     shuffle_timesteps: bool = True  # a random subset of steps per trajectory (DDPO); false: steps 0..K-1 (Flow-GRPO)
     inner_epochs: int = 1  # passes over each step's samples (TRL num_iterations, Flow-GRPO num_inner_epochs)
     train_batch_size: int = 4  # trajectories per minibatch, per process
@@ -163,7 +167,16 @@ class GRPO(Method):
                 raise RuntimeError("batch.local is not this process's contiguous slice of batch.everyone")
             ids = [offset + i for i in ids]
             parts.append(
-                collect(ctx, prompts, ids, self.sample.eta, sampler=sampler, select_in_groups=True, sde_steps=window)
+                collect(
+                    ctx,
+                    prompts,
+                    ids,
+                    self.sample.eta,
+                    sampler=sampler,
+                    select_in_groups=True,
+                    sde_steps=window,
+                    share_noise=g if getattr(self.cfg, "shared_noise", False) else 1,
+                )
             )
             offset += len(batch.everyone)
         return Collected.cat(parts)
