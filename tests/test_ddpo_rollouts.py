@@ -223,6 +223,18 @@ def test_collect_shared_noise_pairs_start_from_the_same_latent():
         collect(FakeCtx(), ["a", "b"], [0], eta=1.0)
 
 
+def test_collect_share_noise_groups_start_from_one_latent():
+    """share_noise=k: k consecutive samples (a GRPO group) share x_T, then differ by per-step noise."""
+    got = collect(FakeCtx(steps=3), ["a"] * 3 + ["b"] * 3, [0, 0, 0, 1, 1, 1], eta=1.0, share_noise=3)
+    x = got.trajectories.latents
+    for i in (1, 2):
+        assert torch.equal(x[0, 0], x[i, 0]) and torch.equal(x[3, 0], x[3 + i, 0])
+        assert not torch.equal(x[0, 1], x[i, 1])
+    assert not torch.equal(x[0, 0], x[3, 0])
+    with pytest.raises(ValueError, match="share_noise"):
+        collect(FakeCtx(), ["a"] * 4, [0] * 4, eta=1.0, share_noise=3)
+
+
 def test_collect_records_everything_and_rescoring_matches():
     """Trajectories carry prompts, keys, ids, rewards; the stored log-probs are recomputed exactly (§1.6)."""
     ctx = FakeCtx(steps=4, process_index=1, num_processes=2, others={0: [torch.tensor([7.0, 8.0])]}, id_shift=2)

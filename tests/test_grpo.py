@@ -128,6 +128,16 @@ def test_sde_window_trains_only_its_stochastic_steps(monkeypatch):
     assert drawn == [2]
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_noise_starts_each_group_from_one_latent(shared):
+    """grpo.shared_noise: the G samples of a prompt's group share x_T (DanceGRPO); groups differ."""
+    ctx = FakeCtx(steps=3, batch_size=2)
+    method = GRPO(GRPOConfig(group_size=3, train_batch_size=2, shared_noise=shared), ctx.sample, TrainConfig())
+    x = method.collect(ctx, [PromptBatch(["a", "b"], ["a", "b"])], ctx.sampler).trajectories.latents
+    assert torch.equal(x[0, 0], x[1, 0]) == shared and torch.equal(x[3, 0], x[5, 0]) == shared
+    assert not torch.equal(x[0, 0], x[3, 0]) and not torch.equal(x[0, 1], x[1, 1])
+
+
 # ----------------------------------------------------------------------------- the tiny pipeline
 class FakeAcc:
     """What Rollout asks of accelerate, for one CPU process."""
