@@ -21,12 +21,12 @@ What it does, in order (each stage skips what OUT already holds, so a killed stu
    (mean over seeds and min-max band per method) and the Markdown table at each ``--budget``.
 
 Every method trains with the exact gold verifier's score as its reward (Diffusion-DPO on gold-ranked pairs,
-Adv-GRPO with its adversarial reward alone, never the gold), except the reward-backprop method AlignProp,
-which needs a differentiable reward and trains on the proxy (the demo's config, ``make demo``; DRaFT-K,
-DRaFT-LV and ReFL, on the proxy with their shipped configs, run only when ``--only`` names them); evaluation
-is the same for all: 30 held-out compositions x 5 seeds, gold accuracy, proxy and diversity. Cost on the
-2-core CPU of docs/benchmarks.md: about 3 hours of runs with ``--jobs 2`` at one thread each, plus
-about 15 minutes of rate measurement (which should run alone).
+Adv-GRPO with its adversarial reward alone, never the gold), except the reward-backprop methods, which
+need a differentiable reward and train on the proxy with their shipped configs (AlignProp: the demo's
+config, ``make demo``; DRaFT-K, DRaFT-LV, ReFL); evaluation is the same for all: 30 held-out compositions
+x 5 seeds, gold accuracy, proxy and diversity. Cost on the 2-core CPU of docs/benchmarks.md: about 4.5
+hours of runs with ``--jobs 2`` at one thread each, plus about 20 minutes of rate measurement (which
+should run alone).
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ class Method:
     overrides: list[str] = field(default_factory=list)
     bench_steps: int = 4  # steps bench_method_steps.py times (the first is not counted)
     needs_prefs: bool = False
-    default: bool = True  # part of the study without --only (False: only when --only names it)
 
     def run_dir(self, out: Path, seed: int) -> Path:
         return out / f"{self.key}-s{seed}"
@@ -92,10 +91,10 @@ def default_methods() -> list[Method]:
         ),
         # reward backprop needs a differentiable reward: the proxy, as the demo; K varies per step, so time more
         Method("alignprop", "AlignProp (proxy reward)", "configs/shapes/alignprop.yaml", 100, ["eval.every=25"], 16),
-        # the other reward-backprop methods, on the proxy as shipped: not measured yet, so only with --only
-        Method("draft_k", "DRaFT-K (proxy reward)", "configs/shapes/draft_k.yaml", 200, [], 8, default=False),
-        Method("draft_lv", "DRaFT-LV (proxy reward)", "configs/shapes/draft_lv.yaml", 200, [], 8, default=False),
-        Method("refl", "ReFL (proxy reward)", "configs/shapes/refl.yaml", 200, [], 8, default=False),
+        # the other reward-backprop methods, on the proxy with their shipped configs
+        Method("draft_k", "DRaFT-K (proxy reward)", "configs/shapes/draft_k.yaml", 200, [], 8),
+        Method("draft_lv", "DRaFT-LV (proxy reward)", "configs/shapes/draft_lv.yaml", 200, [], 8),
+        Method("refl", "ReFL (proxy reward)", "configs/shapes/refl.yaml", 200, [], 8),
     ]
 
 
@@ -166,10 +165,9 @@ def timed_rates(method: Method, config: Path, out: Path) -> dict[str, dict]:
 
 
 def select(methods: list[Method], only: list[str]) -> list[Method]:
-    """The methods named by ``--only`` (key or label, case-insensitive), the default ones when none;
-    unknown -> one line."""
+    """The methods named by ``--only`` (key or label, case-insensitive), all when none; unknown -> one line."""
     if not only:
-        return [m for m in methods if m.default]
+        return methods
     names = {m.key.lower(): m for m in methods} | {m.label.split(" (")[0].lower(): m for m in methods}
     unknown = [o for o in only if o.lower() not in names]
     if unknown:
@@ -188,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         action="append",
         default=[],
-        help="a method key or label (repeat; default: the figure's seven; draft_k, draft_lv, refl only when named)",
+        help="a method key or label (repeat; default: all ten of the figure)",
     )
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run and rate (default 1)")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time (default 2; rates run alone)")

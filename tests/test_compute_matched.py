@@ -126,7 +126,7 @@ def test_study_commands_are_valid_configs_and_resume(tmp_path, capsys):
     assert study.main(["--dry-run", "--out", str(out), "--seeds", "0", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     trains = [line.split(" ", 2)[2].split() for line in lines if " train " in line]
-    assert len(trains) == 7 * 2 - 1  # seven methods x two seeds, minus the finished DDPO run
+    assert len(trains) == 10 * 2 - 1  # ten methods x two seeds, minus the finished DDPO run
     assert not any("ddpo-s0" in " ".join(words) for words in trains)
     assert not any(" prefs " in line for line in lines)  # the preference set exists
     for words in trains:
@@ -135,7 +135,7 @@ def test_study_commands_are_valid_configs_and_resume(tmp_path, capsys):
         cfg = DiffalignConfig.from_yaml(words[i + 1], overrides)
         assert cfg.train.seed in (0, 1)
         assert ("--resume" in words) == words[words.index("--output-dir") + 1].endswith("grpo-s1")
-    assert sum("bench_method_steps.py" in line for line in lines) == 7
+    assert sum("bench_method_steps.py" in line for line in lines) == 10
     assert study.main(["--dry-run", "--out", str(tmp_path / "new"), "--only", "Diffusion-DPO"]) == 0
     assert " prefs " in capsys.readouterr().out.splitlines()[0]
     assert study.main(["--dry-run", "--out", str(tmp_path / "new"), "--only", "draft_lv", "--seeds", "0"]) == 0
