@@ -454,7 +454,6 @@ def collect(
     group_ids: Sequence[int] | torch.Tensor,
     eta: float,
     *,
-    pairs: bool = False,
     sampler: Sampler | None = None,
     select_in_groups: bool = False,
     sde_steps: int | None = None,
@@ -464,10 +463,9 @@ def collect(
 
     For this process's ``prompts`` (one per sample: a prompt repeated G times forms a group, see
     :func:`grouped_prompts`), in this order: ``ctx.denoiser(prompts)``, the initial latents
-    ``ctx.initial_latents`` (with ``pairs=True``: N/2 draws, each used by the two consecutive samples
-    2k, 2k+1 of a pair, which then differ only by their per-step noise, as D3PO samples pairs; spec
-    §5.1; ``share_noise=k``: N/k draws, each used by k consecutive samples, as DanceGRPO starts a
-    prompt's group from one x_T), the chain :func:`~diffalign.sampling.sample_trajectory` with ``eta`` and ``ctx.generator``
+    ``ctx.initial_latents`` (with ``share_noise=k``: N/k draws, each used by k consecutive samples, which
+    then differ only by their per-step noise: k = 2 for the pairs of D3PO, spec §5.1; k = G as DanceGRPO
+    starts a prompt's group from one x_T), the chain :func:`~diffalign.sampling.sample_trajectory` with ``eta`` and ``ctx.generator``
     (latents x_T..x_0 and log pi_old per step, DDIM Eq. 12 / spec §1.2; stochastic only in the first
     ``sde_steps`` steps when given), ``ctx.decode`` of x_0,
     ``ctx.reward_values`` (each reward's values, NaN-checked), ``ctx.gather`` of each reward's values and
@@ -484,19 +482,12 @@ def collect(
     ids = torch.as_tensor(group_ids, dtype=torch.long).reshape(-1).cpu()
     if ids.shape != (n,):
         raise ValueError(f"need one group id per prompt: {n} prompts, {ids.numel()} ids")
-    if pairs and n % 2:
-        raise ValueError(f"pairs=True needs an even number of samples, got {n}")
-    if pairs:
-        share_noise = 2
     if share_noise < 1 or n % share_noise:
         raise ValueError(f"share_noise={share_noise} must be >= 1 and divide the number of samples, {n}")
     sampler = make_sampler(sampler) if sampler is not None else ctx.sampler
     with torch.no_grad():
         denoise = ctx.denoiser(prompts)
-        if share_noise > 1:
-            x_T = ctx.initial_latents(n // share_noise).repeat_interleave(share_noise, dim=0)
-        else:
-            x_T = ctx.initial_latents(n)
+        x_T = ctx.initial_latents(n // share_noise).repeat_interleave(share_noise, dim=0)
         traj = sample_trajectory(denoise, sampler, x_T, eta=eta, generator=ctx.generator, sde_steps=sde_steps)
         images = ctx.decode(traj.final)
         parts = ctx.reward_values(images, prompts)

@@ -209,7 +209,7 @@ def test_ddpo_tracker_keys_are_the_global_prompts():
 # ----------------------------------------------------------------------------------- collect
 def test_collect_shared_noise_pairs_start_from_the_same_latent():
     ctx = FakeCtx(steps=3)
-    got = collect(ctx, ["a", "a", "b", "b"], [0, 0, 1, 1], eta=1.0, pairs=True)
+    got = collect(ctx, ["a", "a", "b", "b"], [0, 0, 1, 1], eta=1.0, share_noise=2)
     x = got.trajectories.latents
     assert x.shape == (4, 4, 4, 2, 2)
     assert torch.equal(x[0, 0], x[1, 0]) and torch.equal(x[2, 0], x[3, 0])
@@ -218,7 +218,7 @@ def test_collect_shared_noise_pairs_start_from_the_same_latent():
     plain = collect(FakeCtx(steps=3), ["a", "a", "b", "b"], [0, 0, 1, 1], eta=1.0)
     assert not torch.equal(plain.trajectories.latents[0, 0], plain.trajectories.latents[1, 0])
     with pytest.raises(ValueError):
-        collect(FakeCtx(), ["a", "b", "c"], [0, 1, 2], eta=1.0, pairs=True)
+        collect(FakeCtx(), ["a", "b", "c"], [0, 1, 2], eta=1.0, share_noise=2)
     with pytest.raises(ValueError):
         collect(FakeCtx(), ["a", "b"], [0], eta=1.0)
 

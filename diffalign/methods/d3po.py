@@ -2,7 +2,7 @@
 
 ``d3po`` (online, preferences from the training rewards): per sampling batch, each of this process's
 prompts is sampled twice from one shared initial latent x_T with independent per-step noise
-(:func:`diffalign.rollouts.collect` with ``pairs=True``; ``sample.eta > 0``), the pair is scored and the
+(:func:`diffalign.rollouts.collect` with ``share_noise=2``; ``sample.eta > 0``), the pair is scored and the
 preference ``h = (+1, -1)``, ``(-1, +1)`` or ``(0, 0)`` (tie) is read from the combined reward signal
 (``preference: reward``) or, with several rewards, from Pareto dominance (``preference: dominance``).
 
@@ -113,7 +113,7 @@ class D3PO(Method):
             start = b * total + ctx.process_index * n
             prompts = [p for p in batch.local for _ in range(2)]
             ids = [start + i for i in range(n) for _ in range(2)]
-            parts.append(collect(ctx, prompts, ids, self.sample.eta, pairs=True, sampler=sampler))
+            parts.append(collect(ctx, prompts, ids, self.sample.eta, share_noise=2, sampler=sampler))
         rollout = Collected.cat(parts)
         traj = rollout.trajectories
         if self.cfg.preference == "dominance":
