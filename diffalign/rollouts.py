@@ -11,7 +11,6 @@ D3PO and Adv-GRPO stand on (DESIGN.md, "Shared on-policy rollouts"; spec ../shar
 - :func:`group_advantages` turns the gathered rewards into group-relative advantages (GRPO);
 - :func:`timestep_subsample` draws the trained steps of each trajectory (DDPO / Flow-GRPO
   ``timestep_fraction``), with one permutation shared by the two trajectories of a pair (D3PO, PRDP);
-- :func:`shared_noise_pairs` draws initial latents shared by the two samples of a pair (D3PO);
 - :class:`Trajectories` is what a rollout collects, with ``select`` for minibatches;
 - :func:`collect` samples one batch of trajectories under theta_old through the context (optionally
   from shared initial noise for pairs), scores them and gathers the rewards and group ids
@@ -236,27 +235,6 @@ def timestep_subsample(
             raise ValueError("pair_with must point at owners (pair_with[pair_with[i]] == pair_with[i])")
         perms = perms[pair_with.long()]
     return perms[:, :k].contiguous()
-
-
-def shared_noise_pairs(
-    generator: torch.Generator,
-    shape: Sequence[int],
-    n_pairs: int,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Initial latents x_T [2 * n_pairs, *shape] ~ N(0, I) where samples 2k and 2k+1 are identical.
-
-    D3PO samples the two trajectories of a pair from the same x_T with independent per-step noise
-    (spec §5.1, "Data generation"). ``shape`` is one sample's latent shape (C, H, W); the noise is
-    drawn on the generator's device (n_pairs draws, in pair order) and then moved to ``device``.
-    For DDIM ``init_noise_sigma`` is 1, so these are ready x_T; equivalently, pass the trainer's
-    ``initial_latents(n_pairs)`` through ``repeat_interleave(2, dim=0)``.
-    """
-    if n_pairs < 0:
-        raise ValueError(f"n_pairs must be >= 0, got {n_pairs}")
-    noise = torch.randn((n_pairs, *shape), generator=generator, device=generator.device, dtype=dtype)
-    return noise.repeat_interleave(2, dim=0).to(device if device is not None else generator.device)
 
 
 # ---------------------------------------------------------------------------------- trajectories

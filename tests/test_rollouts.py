@@ -12,7 +12,6 @@ from diffalign.rollouts import (
     group_advantages,
     grouped_prompts,
     local_share,
-    shared_noise_pairs,
     timestep_subsample,
 )
 
@@ -219,20 +218,6 @@ def test_timestep_subsample_in_order_and_errors():
             timestep_subsample(2, 10, bad, torch.Generator())
     with pytest.raises(ValueError):
         timestep_subsample(2, 0, 1.0, torch.Generator())
-
-
-def test_shared_noise_pairs():
-    x = shared_noise_pairs(torch.Generator().manual_seed(0), (4, 8, 8), n_pairs=3)
-    assert x.shape == (6, 4, 8, 8) and x.dtype == torch.float32
-    for k in range(3):
-        assert torch.equal(x[2 * k], x[2 * k + 1])
-    assert not torch.equal(x[0], x[2]) and not torch.equal(x[2], x[4])
-    y = shared_noise_pairs(torch.Generator().manual_seed(0), (4, 8, 8), n_pairs=3)
-    assert torch.equal(x, y)
-    # the pair latents are the generator's first n_pairs draws, in order
-    ref = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(x[0::2], ref)
-    assert shared_noise_pairs(torch.Generator(), (2,), 2, dtype=torch.float64).dtype == torch.float64
 
 
 # --------------------------------------------------------------------------------- trajectories
