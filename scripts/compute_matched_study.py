@@ -89,8 +89,16 @@ def default_methods() -> list[Method]:
         Method(
             "adv", "Adv-GRPO (adversarial reward)", "configs/shapes/adv_grpo.yaml", 20, ["eval.rewards=[shapes_clip]"]
         ),
-        # reward backprop needs a differentiable reward: the proxy, as the demo; K varies per step, so time more
-        Method("alignprop", "AlignProp (proxy reward)", "configs/shapes/alignprop.yaml", 100, ["eval.every=25"], 16),
+        # reward backprop needs a differentiable reward: the proxy, as the demo; K varies per step, so time more.
+        # The demo evaluates 300 images at steps 0 and 100; here the 150 (seeds 0-4) of every other method.
+        Method(
+            "alignprop",
+            "AlignProp (proxy reward)",
+            "configs/shapes/alignprop.yaml",
+            100,
+            ["eval.every=25", "eval.seeds=[0,1,2,3,4]"],
+            16,
+        ),
         # the other reward-backprop methods, on the proxy with their shipped configs
         Method("draft_k", "DRaFT-K (proxy reward)", "configs/shapes/draft_k.yaml", 200, [], 8),
         Method("draft_lv", "DRaFT-LV (proxy reward)", "configs/shapes/draft_lv.yaml", 200, [], 8),
