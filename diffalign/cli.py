@@ -472,10 +472,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that a command's ``KEY=VALUE`` overrides may also follow its options.
+
+    argparse fills a positional list only once, so ``train --config C a=1 --output-dir D b=2`` would
+    reject ``b=2``; here such trailing overrides join ``args.overrides`` in command-line order. Anything
+    else argparse did not recognize is still its usual one-line usage error (exit 2).
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``diffalign`` with ``argv``; returns the exit code (2 and one line on stderr for a DiffalignError)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

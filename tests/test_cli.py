@@ -79,3 +79,21 @@ def test_module_entry_point_and_help():
     for command in ("sample", "score", "reno"):
         assert command in out
     assert "--prompts outputs/samples/prompts.jsonl" in out
+
+
+def test_overrides_may_follow_options(capsys):
+    """``train --config C a=1 --output-dir D b=2``: both overrides kept, in order; other strays still fail."""
+    from diffalign.cli import build_parser, parse
+
+    parser = build_parser()
+    argv = ["train", "--config", "c.yaml", "train.lr=1e-3", "--output-dir", "out", "train.seed=2", "eval.every=5"]
+    args = parse(parser, argv)
+    assert args.overrides == ["train.lr=1e-3", "train.seed=2", "eval.every=5"] and args.output_dir == "out"
+    assert parse(parser, ["train", "--config", "c.yaml", "--output-dir", "out"]).overrides == []
+    for stray in (["--output-dir", "out", "--bogus"], ["a.b=1", "--output-dir", "out", "notanoverride"]):
+        with pytest.raises(SystemExit) as exc:
+            parse(parser, ["train", "--config", "c.yaml", *stray])
+        assert exc.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a command without overrides takes no KEY=VALUE
+        parse(parser, ["sample", "--model", "m", "--prompt", "p", "a=b"])
