@@ -46,6 +46,9 @@ import hacking_study  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLD_REWARD = ["reward.rewards=[shapes_gold]", "eval.rewards=[shapes_clip]"]  # gold as reward, proxy logged
+# Every run is evaluated on the same 150 images (30 held-out prompts x seeds 0-4), whatever its config's own
+# evaluation set (the demo's alignprop.yaml evaluates 300).
+EVAL_SEEDS = "eval.seeds=[0,1,2,3,4]"
 PREFS_KEY = "prefs_seconds"
 
 
@@ -98,15 +101,7 @@ def default_methods() -> list[Method]:
             "adv", "Adv-GRPO (adversarial reward)", "configs/shapes/adv_grpo.yaml", 20, ["eval.rewards=[shapes_clip]"]
         ),
         # reward backprop needs a differentiable reward: the proxy, as the demo; K varies per step, so time more.
-        # The demo evaluates 300 images at steps 0 and 100; here the 150 (seeds 0-4) of every other method.
-        Method(
-            "alignprop",
-            "AlignProp (proxy reward)",
-            "configs/shapes/alignprop.yaml",
-            100,
-            ["eval.every=25", "eval.seeds=[0,1,2,3,4]"],
-            16,
-        ),
+        Method("alignprop", "AlignProp (proxy reward)", "configs/shapes/alignprop.yaml", 100, ["eval.every=25"], 16),
         # the other reward-backprop methods, on the proxy with their shipped configs
         Method("draft_k", "DRaFT-K (proxy reward)", "configs/shapes/draft_k.yaml", 200, [], 8),
         Method("draft_lv", "DRaFT-LV (proxy reward)", "configs/shapes/draft_lv.yaml", 200, [], 8),
@@ -143,7 +138,8 @@ def train_command(method: Method, seed: int, out: Path) -> list[str]:
     if hacking_study.has_checkpoints(run):
         cmd += ["--resume", "latest"]
     extra = [f"data.train={out / 'shapes-prefs' / 'prefs.jsonl'}"] if method.needs_prefs else []
-    return cmd + [*method.overrides, *extra, f"train.seed={seed}", f"train.steps={method.steps}", "log.progress=false"]
+    tail = [f"train.seed={seed}", f"train.steps={method.steps}", "log.progress=false"]
+    return cmd + [EVAL_SEEDS, *method.overrides, *extra, *tail]
 
 
 def bench_command(method: Method, config: Path, out: Path, threads: int) -> list[str]:
