@@ -97,6 +97,10 @@ class TrainConfig:
     # half-cosine decay to 0 at the last optimizer update (train.steps x the method's updates per step)
     lr_schedule: Literal["constant", "warmup", "cosine"] = "constant"
     warmup_steps: int = 0
+    # > 0: evaluate and save an EMA of the LoRA (Flow-GRPO's train.ema, diffalign/ema.py): after every
+    # ema_every-th optimizer update, ema <- d * ema + (1 - d) * lora, d = min(ema_decay, (1 + n) / (10 + n))
+    ema_decay: float = 0.0
+    ema_every: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     fsdp: FSDPSettings = field(default_factory=FSDPSettings)  # shard the frozen base over processes (FSDP2)
@@ -117,6 +121,11 @@ class TrainConfig:
             raise DiffalignError("train.max_grad_norm and train.warmup_steps must be >= 0")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise DiffalignError("train.adam_beta1 and train.adam_beta2 must be in [0, 1)")
+        if not 0 <= self.ema_decay < 1 or self.ema_every < 1:
+            raise DiffalignError(
+                f"train.ema_decay must be in [0, 1) (0 = no EMA) and train.ema_every >= 1, got {self.ema_decay} "
+                f"and {self.ema_every}"
+            )
 
 
 @dataclass

@@ -55,6 +55,7 @@ from diffalign.checkpoint import (
 )
 from diffalign.combine import Combined, build_combiner, reward_keys
 from diffalign.config import DiffalignConfig
+from diffalign.ema import ParamEMA
 from diffalign.errors import DiffalignError
 from diffalign.methods import PromptBatch, StepResult, build_method
 from diffalign.paths import check_output_path
@@ -332,6 +333,8 @@ class Rollout:
         t.optimizer.step()
         t.lr_scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
+        if t.ema is not None:
+            t.ema.update()
         return norm
 
 
@@ -456,6 +459,7 @@ class Trainer:
             self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
         )
         self.optimizer = acc.prepare(optimizer)
+        self.ema = ParamEMA(self.params, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
         base = self.optimizer.optimizer
         if t.lr_schedule == "cosine":
             horizon = t.steps * self.method.updates_per_step()
@@ -563,19 +567,29 @@ class Trainer:
             "method_optimizers": {name: opt.state_dict() for name, opt in self.method_optimizers.items()},
             "data": self.data.state_dict() if self.data is not None else None,
             "combiner": self.combiner.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def _save(self, step: int) -> None:
-        from diffalign.pipelines import save_lora
-
         self.ckpt.save(
             step,
             self._state(step),
             {k: p.detach() for k, p in self.named_lora().items()},
             capture_rng(self._owned()),
-            write_extra=lambda d: save_lora(self.pipe, d / "lora"),
+            write_extra=lambda d: self._save_lora(d / "lora"),
             modules=module_tensors(self.method_modules) if self.method_modules else None,
         )
+
+    def averaged(self) -> contextlib.AbstractContextManager[None]:
+        """Within the block the LoRA holds its EMA (``train.ema_decay`` > 0), else its own weights."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def _save_lora(self, path: Path) -> None:
+        """The adapter for diffusers (``load_lora_weights``): the EMA when the run keeps one."""
+        from diffalign.pipelines import save_lora
+
+        with self.averaged():
+            save_lora(self.pipe, path)
 
     def _load_lora(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         mine = self.named_lora()
@@ -630,6 +644,10 @@ class Trainer:
             self.sampler.load_state_dict(st["sampler"])
             self._load_method_state(path, st)
             self._load_combiner_state(path, st)
+            if self.ema is not None:
+                if st.get("ema") is None:
+                    raise ValueError("it holds no EMA of the LoRA (written with train.ema_decay=0)")
+                self.ema.load_state_dict(st["ema"])
             self.method.load_state_dict(st["method"])
             self.evaluator.load_state_dict(st["evaluator"])
         except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as err:
@@ -776,7 +794,7 @@ class Trainer:
         from diffalign.gallery import save_grid
 
         self.ctx.step = step
-        with self.acc.autocast():
+        with self.acc.autocast(), self.averaged():
             record, images = self.evaluator.evaluate(self.ctx, step, self.method.eval_stats)
         if record is None:
             return
@@ -844,7 +862,6 @@ class Trainer:
         from tqdm import tqdm
 
         from diffalign.gallery.rundir import EVAL_PROMPTS, write_eval_prompts
-        from diffalign.pipelines import save_lora
 
         self.check_output_dir()
         self._setup()
@@ -915,7 +932,7 @@ class Trainer:
             paths["method_modules"] = self.out / MODULES_FILE
         if main:
             with self._writing(f"the final LoRA {paths['lora']}"):
-                save_lora(self.pipe, paths["lora"])
+                self._save_lora(paths["lora"])
             if self.method_modules:
                 with self._writing(str(paths["method_modules"])):
                     self._export_modules(paths["method_modules"])
