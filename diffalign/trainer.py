@@ -149,6 +149,7 @@ class Rollout:
         self.sampler = pipeline_sampler(t.pipe, self.sample.steps)
         self.generator, self.rng = t.generator, t.rng
         self.checkpointing = t.cfg.model.gradient_checkpointing
+        self.trains_text_encoder = t.cfg.model.lora.text_encoder
         self.step = 0
 
     # ---------------------------------------------------------------------- processes

@@ -10,7 +10,7 @@ across steps (advantage statistics, ...) lives in ``state_dict()`` so that check
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -64,6 +64,7 @@ class StepContext(Protocol):
     generator: torch.Generator  # CPU generator for sampler noise (owned and checkpointed by the trainer)
     rng: random.Random  # for truncation draws and permutations (owned and checkpointed by the trainer)
     checkpointing: bool  # wrap every UNet call with gradient in activation checkpointing
+    trains_text_encoder: bool  # a LoRA on the text encoder(s) trains too (model.lora.text_encoder)
     # the diffusers pipeline, for a method that attaches LoRA adapters of its own in ``configure``
     # (DiffusionNFT's old policy: diffalign.pipelines.add_adapter_copy / active_adapter); sample through the helpers
     pipe: Any
@@ -238,3 +239,18 @@ def check_minibatches(method: str, what: str, per_step: int, train_batch_size: i
             f"{method}: {minibatches} minibatches per inner epoch is not divisible by "
             f"train.gradient_accumulation_steps ({accumulation}); an update would be lost"
         )
+
+
+def backward_denoisers(
+    ctx: StepContext, prompts: list[str], n: int, guidance_scale: float | None = None
+) -> Iterator[Denoiser]:
+    """``n`` denoisers of ``prompts`` for ``n`` separate backward passes (one per trained step).
+
+    While the text encoder is frozen they are one denoiser, its prompt encoding computed once. When a
+    text-encoder LoRA trains (``model.lora.text_encoder``), each pass gets its own encoding: a graph through
+    the text encoder serves one backward only, and sharing it would fail at the second.
+    """
+    kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    shared = None if getattr(ctx, "trains_text_encoder", False) else ctx.denoiser(prompts, **kwargs)
+    for _ in range(n):
+        yield shared if shared is not None else ctx.denoiser(prompts, **kwargs)

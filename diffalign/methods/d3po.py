@@ -33,7 +33,7 @@ import torch
 
 from diffalign.datasets import DatasetBatch
 from diffalign.errors import DiffalignError
-from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
+from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult, backward_denoisers
 from diffalign.methods.dpo_loss import d3po_loss, preference_from_rewards
 from diffalign.methods.registry import MethodEntry, register_method
 from diffalign.rollouts import Collected, collect, timestep_subsample
@@ -155,8 +155,8 @@ class D3PO(Method):
                         denoise_step(ref_denoise, sampler, x, t, eta, prev_sample=xp).log_prob
                         for x, xp, t in transitions
                     ]
-                denoise = ctx.denoiser(prompts)
-                for (x, xp, t), ref in zip(transitions, refs, strict=True):
+                nets = backward_denoisers(ctx, prompts, len(transitions))
+                for (x, xp, t), ref, denoise in zip(transitions, refs, nets, strict=True):
                     logp = denoise_step(denoise, sampler, x, t, eta, prev_sample=xp).log_prob
                     loss, st = d3po_loss(logp[0::2], logp[1::2], ref[0::2], ref[1::2], pref, cfg.beta, cfg.eps)
                     ctx.backward(loss / (k * accum))

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult, check_minibatches
+from diffalign.methods.base import (
+    Method,
+    PromptBatch,
+    StepContext,
+    StepResult,
+    backward_denoisers,
+    check_minibatches,
+)
 from diffalign.methods.registry import MethodEntry, register_method
 from diffalign.rollouts import Collected, Trajectories, collect
 from diffalign.sampling import Sampler, denoise_step
@@ -294,8 +301,8 @@ class DDPO(Method):
             return torch.tensor(order), step_perm
 
         for idx, step_perm in ppo_minibatches(ctx, stats, self.cfg.inner_epochs, n, tb, accum, draw):
-            denoise = ctx.denoiser([prompts[i] for i in idx.tolist()])
-            for j in range(n_train):
+            nets = backward_denoisers(ctx, [prompts[i] for i in idx.tolist()], n_train)
+            for j, denoise in zip(range(n_train), nets, strict=True):
                 ks = step_perm[idx, j]
                 x_t, x_prev = latents[idx, ks], latents[idx, ks + 1]
                 t = timesteps[ks]

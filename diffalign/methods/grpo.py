@@ -33,7 +33,14 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult, check_minibatches
+from diffalign.methods.base import (
+    Method,
+    PromptBatch,
+    StepContext,
+    StepResult,
+    backward_denoisers,
+    check_minibatches,
+)
 from diffalign.methods.ddpo import PPOStats, ppo_minibatches
 from diffalign.methods.grpo_loss import gaussian_mean_kl, grpo_loss, k3_kl
 from diffalign.methods.registry import MethodEntry, register_method
@@ -230,8 +237,8 @@ class GRPO(Method):
                     refs = [
                         denoise_step(ref_denoise, sampler, x, t, eta, prev_sample=xp) for x, xp, t, _ in transitions
                     ]
-            denoise = ctx.denoiser(mb_prompts)
-            for (x_t, x_prev, t, logp_old), ref in zip(transitions, refs, strict=True):
+            nets = backward_denoisers(ctx, mb_prompts, k)
+            for (x_t, x_prev, t, logp_old), ref, denoise in zip(transitions, refs, nets, strict=True):
                 out = denoise_step(denoise, sampler, x_t, t, eta, prev_sample=x_prev)
                 kl = step_kl(cfg.kl, out, ref) if ref is not None else None
                 loss, st = grpo_loss(out.log_prob, logp_old, adv[idx.to(adv.device)], cfg.clip_range, kl, cfg.beta)

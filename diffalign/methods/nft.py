@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.methods.base import PromptBatch, StepContext, StepResult, check_minibatches
+from diffalign.methods.base import PromptBatch, StepContext, StepResult, backward_denoisers, check_minibatches
 from diffalign.methods.grpo import GRPO
 from diffalign.methods.nft_loss import (
     ADV_MODES,
@@ -144,7 +144,6 @@ class NFT(GRPO):
         self.pipe: Any = None
         self.old: AdapterParameters | None = None
         self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []  # (old, trained) LoRA tensors
-        self.text_encoder_lora = False
         self.updates = 0  # optimizer steps so far: eta = decay(updates)
         self.last_decay = 0.0
         self.train_guidance = 1.0  # the velocities' guidance in training (FLUX: its embedded guidance)
@@ -152,7 +151,7 @@ class NFT(GRPO):
     # ------------------------------------------------------------------------------ method-owned state
     def configure(self, ctx: StepContext) -> None:
         """Add the old policy: adapter ``"old"`` = a frozen copy of the trained LoRA (spec §2.4 "Init")."""
-        from diffalign.pipelines import add_adapter_copy, backbone_name, family_of, lora_adapter_of
+        from diffalign.pipelines import add_adapter_copy, family_of, lora_adapter_of
 
         self.pipe = ctx.pipe
         # CFG pipelines train the conditional velocity alone (guidance 1, CFG-free as the paper); FLUX-dev's
@@ -172,7 +171,6 @@ class NFT(GRPO):
             parts = key.split(".")
             i = next(j for j, part in enumerate(parts[:-1]) if part.startswith("lora_")) + 1
             self.pairs.append((p_old, trained[".".join([*parts[:i], "default", *parts[i + 1 :]])]))
-        self.text_encoder_lora = any(not k.startswith(backbone_name(self.pipe) + ".") for k in old)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"old": self.old} if self.old is not None else {}
@@ -239,8 +237,8 @@ class NFT(GRPO):
                     if cfg.kl_coef > 0:
                         with ctx.reference():
                             ref_denoise = ctx.denoiser(prompts, guidance_scale=self.train_guidance)
-                denoise = None if self.text_encoder_lora else ctx.denoiser(prompts, guidance_scale=self.train_guidance)
-                for j in range(k):
+                nets = backward_denoisers(ctx, prompts, k, guidance_scale=self.train_guidance)
+                for j, net in zip(range(k), nets, strict=True):
                     sigma, t = self.train_sigmas(ctx, traj, steps, idx, j, x0)
                     noise = torch.randn(x0.shape, generator=ctx.generator).to(x0.device)
                     x_in = flow_forward(x0, noise, sigma).to(x0.dtype)
@@ -251,8 +249,6 @@ class NFT(GRPO):
                         if ref_denoise is not None:
                             with ctx.reference():
                                 v_ref = ref_denoise(x_in, t)
-                    # a text-encoder LoRA's graph is used by one backward only: encode again per sigma
-                    net = denoise if denoise is not None else ctx.denoiser(prompts, guidance_scale=self.train_guidance)
                     v = net(x_in, t)
                     loss, st = nft_loss(
                         v, v_old, x0, noise, sigma, r_mb, cfg.nft_beta, cfg.adv_clip_max, cfg.loss_space, v_ref,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from diffalign.errors import DiffalignError
-from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult
+from diffalign.methods.base import Method, PromptBatch, StepContext, StepResult, backward_denoisers
 from diffalign.methods.prdp_loss import prdp_loss
 from diffalign.methods.registry import MethodEntry, register_method
 from diffalign.rollouts import Collected, Trajectories, collect, grouped_prompts, zero_std_fraction
@@ -161,8 +161,8 @@ class PRDP(Method):
             g = grad[rows]
             if not bool((g != 0).any()):
                 continue
-            denoise = ctx.denoiser([traj.prompts[i] for i in rows])
-            for k in range(grad.shape[1]):
+            nets = backward_denoisers(ctx, [traj.prompts[i] for i in rows], grad.shape[1])
+            for k, denoise in zip(range(grad.shape[1]), nets, strict=True):
                 coeff = g[:, k].to(traj.latents.device)
                 if not bool((coeff != 0).any()):
                     continue
