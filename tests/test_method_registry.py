@@ -171,7 +171,7 @@ def test_method_validation_lives_in_the_entries(tmp_path):
     assert all(validators[name] is not None for name in ("alignprop", "draft_k", "draft_lv", "refl", "ddpo"))
     assert "ddpo needs sample.eta > 0" in one_line_error(tmp_path, overrides=["train.method=ddpo", "sample.eta=0"])
     message = one_line_error(tmp_path, overrides=["train.method=refl", "sample.num_batches=2"])
-    assert message.startswith("sample.num_batches is for ddpo; refl takes")
+    assert message.startswith("sample.num_batches is for online policy methods (ddpo, grpo, ...); refl takes")
 
 
 def test_docs_method_table_lists_the_registered_builtins():

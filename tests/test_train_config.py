@@ -64,7 +64,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["train.method=ddpo", "ddpo.train_batch_size=3"], "must be divisible by ddpo.train_batch_size (3)"),
         (["train.method=ddpo", "ddpo.train_batch_size=4", "train.gradient_accumulation_steps=3"], "not divisible by"),
         (["train.method=ddpo", "ddpo.cfg=false"], "set ddpo.cfg=true or sample.guidance_scale=1"),
-        (["sample.num_batches=2"], "sample.num_batches is for ddpo"),
+        (["sample.num_batches=2"], "sample.num_batches is for online policy methods"),
         (["train.method=draft_k", "draft.k=50"], "draft.k=50 exceeds sample.steps=20"),
         (["reward.weights=[1, 2]"], "got 2 reward weights for 1 rewards"),
         (["reward.rewards=[clip_scor]"], "unknown reward 'clip_scor'; did you mean 'clip_score'?"),

@@ -286,7 +286,7 @@ def validate_reward_backprop(cfg: DiffalignConfig) -> None:
     """Checks every reward-backprop method shares: one sampling batch per micro-batch."""
     if cfg.sample.num_batches != 1:
         raise DiffalignError(
-            f"sample.num_batches is for ddpo; {cfg.train.method} takes train.gradient_accumulation_steps micro-batches "
+            f"sample.num_batches is for online policy methods (ddpo, grpo, ...); {cfg.train.method} takes train.gradient_accumulation_steps micro-batches "
             "per update: set sample.num_batches=1"
         )
 
