@@ -208,7 +208,8 @@ def _unknown_name(name: str) -> DiffalignError:
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return DiffalignError(
-        f"unknown reward '{name}'{hint} Known rewards: {', '.join(names)} (or a plug-in written pkg.module:ClassName)"
+        f"unknown reward '{name}'{hint or ';'} known rewards: {', '.join(names)} (or a plug-in written "
+        "pkg.module:ClassName)"
     )
 
 
