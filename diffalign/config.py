@@ -181,6 +181,8 @@ class EvalConfig:
     gold: Literal["auto", "on", "off"] = "auto"  # shapes verifier; auto = on when every eval prompt is a shapes caption
     rewards: list[str] = field(default_factory=list)  # held-out rewards scored but never trained on
     hacking_threshold: float = 0.05  # guardrail: gold (or first held-out reward) drop that flags hacking
+    # guardrail: the same metric this far below its best evaluation so far flags a degrading policy (0 = any drop)
+    degrade_threshold: float = 0.1
     grid_prompts: int = 8  # prompts (rows) in samples/eval_step_N.png (0 = all); every prompt is still scored
 
     def __post_init__(self) -> None:
@@ -188,6 +190,8 @@ class EvalConfig:
             raise DiffalignError("eval.every, eval.num_prompts and eval.grid_prompts must be >= 0")
         if not self.seeds or self.batch_size < 1:
             raise DiffalignError("eval.seeds must list at least one seed and eval.batch_size be >= 1")
+        if not (self.degrade_threshold >= 0 and self.hacking_threshold >= 0):
+            raise DiffalignError("eval.hacking_threshold and eval.degrade_threshold must be >= 0")
 
 
 @dataclass

@@ -13,7 +13,11 @@ steps compare the same draws (spec §10: "keep a fixed eval prompt set and fixed
   one prompt across seeds (0 = identical images for every seed: mode collapse). Cheap and model-free;
   it measures pixel-space spread, not perceptual (LPIPS) distance;
 - ``hacking``: true when the proxy ``reward`` rose since the first evaluation while the guard metric
-  (``gold/score``, else the first held-out reward) fell by more than ``eval.hacking_threshold``.
+  (``gold/score``, else the first held-out reward) fell by more than ``eval.hacking_threshold``;
+- ``degraded``: true when the guard metric is more than ``eval.degrade_threshold`` below its best evaluation
+  so far (``guard/best``, ``guard/best_step``, ``guard/below_best``), whatever the proxy did: a policy that
+  collapses (training reward and held-out metric falling together, as a too-high learning rate can make a
+  long policy-gradient run do) is not hacking, and the first guard would stay silent.
 """
 
 from __future__ import annotations
@@ -53,6 +57,22 @@ def guard(first: dict[str, Any], record: dict[str, Any], metric: str | None, thr
         "guard/metric": metric,
         "guard/reward_rise": rise,
         "guard/drop": drop,
+    }
+
+
+def degradation(
+    best: dict[str, Any] | None, record: dict[str, Any], metric: str | None, threshold: float
+) -> dict[str, Any]:
+    """The degradation fields of ``record`` against ``best`` = ``{"step", "value"}``, the best guard metric
+    of the evaluations before it (see module docstring); none before the second evaluation."""
+    if metric is None or metric not in record or best is None:
+        return {"degraded": False}
+    below = best["value"] - record[metric]
+    return {
+        "degraded": bool(below > threshold),
+        "guard/best": best["value"],
+        "guard/best_step": best["step"],
+        "guard/below_best": below,
     }
 
 
@@ -140,13 +160,14 @@ class Evaluator:
         self.cfg, self.sample, self.prompts = cfg, sample, prompts
         self.heldout, self.gold = heldout, gold
         self.first: dict[str, Any] | None = None
+        self.best: dict[str, Any] | None = None  # {"step", "value"}: the best guard metric so far
         self.metric = "gold/score" if gold else (f"heldout/{next(iter(heldout))}" if heldout else None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"first": self.first}
+        return {"first": self.first, "best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.first = state.get("first")
+        self.first, self.best = state.get("first"), state.get("best")
 
     def _generate(self, ctx: Any, items: list[tuple[int, int]]) -> torch.Tensor:
         """Images for (prompt index, seed) pairs (:func:`generate_images`)."""
@@ -208,5 +229,8 @@ class Evaluator:
         if self.first is None:
             self.first = dict(record)
         record |= guard(self.first, record, self.metric, self.cfg.hacking_threshold)
+        record |= degradation(self.best, record, self.metric, self.cfg.degrade_threshold)
+        if self.metric in record and (self.best is None or record[self.metric] > self.best["value"]):
+            self.best = {"step": step, "value": record[self.metric]}
         record["time"] = {"seconds": time.perf_counter() - start}
         return record, images

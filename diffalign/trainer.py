@@ -808,6 +808,13 @@ class Trainer:
                 f"{record['guard/metric']} fell {record['guard/drop']:.4g} (> eval.hacking_threshold="
                 f"{self.cfg.eval.hacking_threshold}); select checkpoints by gold, not by the training reward"
             )
+        if record.get("degraded"):
+            print(
+                f"diffalign train: warning: the policy is degrading at step {step}: {record['guard/metric']} is "
+                f"{record['guard/below_best']:.4g} below its best ({record['guard/best']:.4g} at step "
+                f"{record['guard/best_step']}; eval.degrade_threshold={self.cfg.eval.degrade_threshold}); the LoRA of "
+                f"step {record['guard/best_step']} is the better one: lower train.lr or train fewer steps"
+            )
         if images.numel():
             seeds = list(self.cfg.eval.seeds)
             everyone, n = self.evaluator.prompts, self.acc.num_processes

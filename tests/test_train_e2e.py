@@ -92,6 +92,29 @@ def test_hacking_guardrail_flags_a_falling_heldout_reward(tmp_path, sd_dir, caps
     assert "warning: possible reward hacking at step 2" in capsys.readouterr().out
 
 
+def test_degradation_guard_names_the_best_step_and_resumes(tmp_path, sd_dir, capsys):
+    """A held-out reward falling below its best evaluation so far flags ``degraded`` (any drop with threshold 0),
+    and the best so far survives a resume: the resumed run writes the same records."""
+    out = tmp_path / "run"
+    held = "train_fixtures:Darkness"
+    ev = {"gold": "off", "rewards": [held], "degrade_threshold": 0.0, "every": 1}
+    cfg = tiny_config(sd_dir, out, "draft_k", eval=ev, checkpoint={"every": 1, "keep": 3})
+    assert train(tmp_path, cfg) == 0
+    evals = rows(out / "eval.jsonl")
+    assert evals[0]["degraded"] is False and "guard/best" not in evals[0]
+    values = [e[f"heldout/{held}"] for e in evals]
+    for i in range(1, len(evals)):
+        best = max(range(i), key=lambda j: values[j])  # the first of equal bests
+        assert evals[i]["guard/best_step"] == evals[best]["step"] and evals[i]["guard/best"] == values[best]
+        assert evals[i]["degraded"] is (values[best] - values[i] > 0)
+    flagged = [e["step"] for e in evals if e["degraded"]]
+    assert flagged, values  # brightness up, darkness down
+    assert f"warning: the policy is degrading at step {flagged[0]}" in capsys.readouterr().out
+    assert main(["train", "--config", str(tmp_path / "cfg.yaml"), "--resume", str(out / "checkpoints" / "step_1")]) == 0
+    untimed = [{k: v for k, v in e.items() if k != "time"} for e in evals]
+    assert [{k: v for k, v in e.items() if k != "time"} for e in rows(out / "eval.jsonl")] == untimed
+
+
 def test_nan_reward_stops_with_one_line_and_no_checkpoint(tmp_path, sd_dir, capsys):
     out = tmp_path / "run"
     cfg = tiny_config(

@@ -14,7 +14,7 @@ from train_fixtures import FakeCombining
 from diffalign.combine import weighted_sum
 from diffalign.config import SampleConfig, TrainConfig
 from diffalign.errors import DiffalignError
-from diffalign.evaluation import guard, pairwise_rms
+from diffalign.evaluation import degradation, guard, pairwise_rms
 from diffalign.methods import PromptBatch
 from diffalign.methods.ddpo import (
     PerPromptStatTracker,
@@ -269,6 +269,15 @@ def test_guardrail_and_diversity():
     assert guard(first, {"reward": 0.3, "gold/score": 0.47}, "gold/score", 0.05)["hacking"] is False
     assert guard(first, {"reward": 0.05, "gold/score": 0.1}, "gold/score", 0.05)["hacking"] is False
     assert guard(first, {"reward": 0.3}, None, 0.05) == {"hacking": False, "guard/metric": None}
+    # the degradation guard: against the best earlier value, whatever the proxy did
+    best = {"step": 60, "value": 0.68}
+    fell = degradation(best, {"reward": 0.4, "gold/score": 0.41}, "gold/score", 0.1)
+    assert (
+        fell["degraded"] is True and fell["guard/best_step"] == 60 and fell["guard/below_best"] == pytest.approx(0.27)
+    )
+    assert degradation(best, {"reward": 0.4, "gold/score": 0.59}, "gold/score", 0.1)["degraded"] is False
+    assert degradation(best, {"gold/score": 0.7}, "gold/score", 0.0)["degraded"] is False  # above the best
+    assert degradation(None, {"gold/score": 0.1}, "gold/score", 0.1) == {"degraded": False}  # first evaluation
     same = torch.zeros(3, 3, 2, 2)
     assert pairwise_rms(same) == 0.0
     two = torch.stack([torch.zeros(3, 2, 2), torch.ones(3, 2, 2)])
