@@ -298,6 +298,7 @@ class Checkpointer:
         self.root = Path(output_dir) / "checkpoints"
         self.keep = keep
         self.acc = accelerator
+        self.protect: set[int] = set()  # steps never pruned (the best evaluation's checkpoint)
 
     # ------------------------------------------------------------------ listing
     def checkpoints(self) -> list[tuple[int, Path]]:
@@ -469,8 +470,12 @@ class Checkpointer:
         _fsync_dir(self.root)
 
     def _prune(self, final: Path) -> None:
-        for _, old in self.checkpoints()[: -self.keep]:
-            self._discard(old)
+        """Keep the newest ``keep`` checkpoints and those of the steps in ``protect``."""
+        found = self.checkpoints()
+        kept = {s for s, _ in found[-self.keep :]} | self.protect
+        for s, old in found:
+            if s not in kept:
+                self._discard(old)
 
     # ------------------------------------------------------------------ loading
     def load(self, path: Path, modules: bool = False) -> Loaded:

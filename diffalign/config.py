@@ -201,6 +201,9 @@ class CheckpointConfig:
     output_dir: str = "runs/diffalign"
     every: int = 50  # steps between checkpoints (0 = only at the end)
     keep: int = 2  # most recent checkpoints kept
+    # also keep the checkpoint of the best evaluation so far (gold score, else the first held-out reward),
+    # when there is one at that step: a run that degrades later still holds its best LoRA
+    keep_best: bool = True
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep < 1:

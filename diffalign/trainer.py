@@ -572,6 +572,8 @@ class Trainer:
         }
 
     def _save(self, step: int) -> None:
+        best = self.evaluator.best
+        self.ckpt.protect = {best["step"]} if self.cfg.checkpoint.keep_best and best is not None else set()
         self.ckpt.save(
             step,
             self._state(step),
@@ -813,7 +815,8 @@ class Trainer:
                 f"diffalign train: warning: the policy is degrading at step {step}: {record['guard/metric']} is "
                 f"{record['guard/below_best']:.4g} below its best ({record['guard/best']:.4g} at step "
                 f"{record['guard/best_step']}; eval.degrade_threshold={self.cfg.eval.degrade_threshold}); the LoRA of "
-                f"step {record['guard/best_step']} is the better one: lower train.lr or train fewer steps"
+                f"step {record['guard/best_step']} is the better one{self._kept(record['guard/best_step'])}: lower "
+                "train.lr or train fewer steps"
             )
         if images.numel():
             seeds = list(self.cfg.eval.seeds)
@@ -835,6 +838,11 @@ class Trainer:
                     layout_json=True,
                 )
             self._log_image("eval/grid", grid, step)
+
+    def _kept(self, step: int) -> str:
+        """Where the checkpoint of ``step`` is, when one is on disk (``checkpoint.keep_best`` keeps the best)."""
+        path = self.ckpt.root / f"step_{step}"
+        return f" ({path}/lora)" if (path / "meta.json").is_file() else ""
 
     def _sample_grid(self, step: int, result: StepResult) -> None:
         """``samples/step_N.png``: up to 16 of the step's images, each captioned with its prompt and combined reward."""

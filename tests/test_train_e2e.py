@@ -198,3 +198,20 @@ def test_gradient_checkpointing_changes_no_number(tmp_path, sd_dir):
         runs[ckpt] = out
     assert_same_run(runs[True], runs[False], "gradient_checkpointing true vs false")
     assert rows(runs[False] / "metrics.jsonl")[0]["grad_norm"] > 0
+
+
+def test_keep_best_keeps_the_best_evaluations_checkpoint(tmp_path, sd_dir, capsys):
+    """The best evaluation (a held-out reward peaking at step 1) keeps its checkpoint past ``checkpoint.keep``,
+    and the degradation warning points at it."""
+    out = tmp_path / "run"
+    ev = {"gold": "off", "rewards": ["train_fixtures:PeakAt:call=2"], "every": 1}
+    cfg = tiny_config(sd_dir, out, "draft_k", eval=ev, checkpoint={"every": 1, "keep": 1})
+    assert train(tmp_path, cfg) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1", "step_3"]
+    assert (out / "checkpoints" / "step_1" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert [e["degraded"] for e in rows(out / "eval.jsonl")] == [False, False, True, True]
+    assert f"is the better one ({out / 'checkpoints' / 'step_1'}/lora)" in capsys.readouterr().out
+    off = tmp_path / "off"
+    cfg = tiny_config(sd_dir, off, "draft_k", eval=ev, checkpoint={"every": 1, "keep": 1, "keep_best": False})
+    assert train(tmp_path, cfg) == 0
+    assert sorted(p.name for p in (off / "checkpoints").iterdir()) == ["step_3"]

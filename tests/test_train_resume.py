@@ -78,3 +78,23 @@ def test_kill_at_random_moments_then_resume(tmp_path, sd_dir):
     proc = run_train(cfg, "--resume", "latest")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_run(ref, run, note=f"kill delays after the first metrics line: {delays}")
+
+
+def test_keep_best_protects_the_best_checkpoint_from_pruning(tmp_path):
+    """``checkpoint.keep`` newest checkpoints plus the protected (best) step; the rest are pruned."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from diffalign.checkpoint import Checkpointer
+
+    acc = SimpleNamespace(is_main_process=True, num_processes=1, process_index=0, wait_for_everyone=lambda: None)
+    ckpt = Checkpointer(tmp_path, keep=2, accelerator=acc)
+    lora = {"unet.x.lora_A.default.weight": torch.zeros(2, 3), "unet.x.lora_B.default.weight": torch.zeros(3, 2)}
+    for step in range(1, 6):
+        ckpt.protect = {2} if step >= 2 else set()  # step 2 was the best evaluation
+        ckpt.save(step, {"step": step}, lora, {})
+    assert [s for s, _ in ckpt.checkpoints()] == [2, 4, 5]
+    ckpt.protect = set()  # a better evaluation came: step 2 is an ordinary old checkpoint again
+    ckpt.save(6, {"step": 6}, lora, {})
+    assert [s for s, _ in ckpt.checkpoints()] == [5, 6]

@@ -86,6 +86,21 @@ class NanAfter(Reward):
         return value * float("nan") if self.seen >= self.calls else value
 
 
+class PeakAt(Reward):
+    """A held-out reward of 1 on its ``call``-th call (counting from 1) and 0 on every other: the best
+    evaluation of a run is the ``call``-th, whatever the model does."""
+
+    name = "peak_at"
+
+    def __init__(self, call: int = 2) -> None:
+        super().__init__()
+        self.call, self.seen = int(call), 0
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.seen += 1
+        return torch.full((images.shape[0],), 1.0 if self.seen == self.call else 0.0)
+
+
 class Recording(Brightness):
     """Brightness that appends the values of its training calls (with gradient) to DIR/<pid>.jsonl."""
 
