@@ -981,6 +981,12 @@ class Trainer:
                 f"{last[key]:.4g} at step {last['step']}; hacking flagged: "
                 f"{any(r.get('hacking') for r in rows)})"
             )
+            if last.get("degraded"):
+                lines.append(
+                    f"  degraded: the final {last['guard/metric']} is {last['guard/below_best']:.4g} below its best, at "
+                    f"step {last['guard/best_step']}; that step's LoRA is the better one"
+                    f"{self._kept(last['guard/best_step'])}"
+                )
         lines.append(f"  before / after: {paths['before']}  {paths['after']}")
         lines.append(f"  see it: {gallery_command(self.cfg, self.out)}")
         print("\n".join(lines))

@@ -210,7 +210,9 @@ def test_keep_best_keeps_the_best_evaluations_checkpoint(tmp_path, sd_dir, capsy
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1", "step_3"]
     assert (out / "checkpoints" / "step_1" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert [e["degraded"] for e in rows(out / "eval.jsonl")] == [False, False, True, True]
-    assert f"is the better one ({out / 'checkpoints' / 'step_1'}/lora)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"is the better one ({out / 'checkpoints' / 'step_1'}/lora)" in printed
+    assert f"at step 1; that step's LoRA is the better one ({out / 'checkpoints' / 'step_1'}/lora)" in printed
     off = tmp_path / "off"
     cfg = tiny_config(sd_dir, off, "draft_k", eval=ev, checkpoint={"every": 1, "keep": 1, "keep_best": False})
     assert train(tmp_path, cfg) == 0
