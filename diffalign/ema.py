@@ -40,7 +40,11 @@ class ParamEMA:
         self.decay, self.every = decay, every
         self.shadow = [p.detach().float().clone() for p in self.params]
         self.calls = 0  # optimizer updates seen
-        self.n = 0  # EMA updates made
+
+    @property
+    def n(self) -> int:
+        """EMA updates made so far (every ``every``-th optimizer update)."""
+        return self.calls // self.every
 
     @torch.no_grad()
     def update(self) -> None:
@@ -51,7 +55,6 @@ class ParamEMA:
         d = ema_decay(self.decay, self.calls)
         for s, p in zip(self.shadow, self.params, strict=True):
             s.mul_(d).add_(p.detach().float(), alpha=1.0 - d)
-        self.n += 1
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
@@ -68,12 +71,12 @@ class ParamEMA:
                     p.copy_(v)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "n": self.n, "shadow": [s.clone() for s in self.shadow]}
+        return {"calls": self.calls, "shadow": [s.clone() for s in self.shadow]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         shadow = state["shadow"]
         if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow, strict=True)):
             raise ValueError("the saved EMA does not match this run's LoRA parameters")
-        self.calls, self.n = int(state["calls"]), int(state["n"])
+        self.calls = int(state["calls"])
         for s, v in zip(self.shadow, shadow, strict=True):
             s.copy_(v)
