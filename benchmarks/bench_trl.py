@@ -17,9 +17,12 @@ also reports its own ``VmHWM`` as a check). Both sides also get
 the two other figures of issue 19 item 3, measured in the same run: diffalign's no-grad sampler
 against the plain diffusers pipeline call for the same images, and the peak RSS of differentiable
 sampling at 50 vs 10 steps with checkpointing (``benchmarks/bench_sampling.py``'s measurement).
+``--compile`` adds a third side, ``diffalign-compiled``: the same diffalign runs with ``model.compile: true``
+(torch.compile of the UNet; the first, untimed update compiles; its seconds are reported).
 
     make venv-trl                                        # TRL 0.11.4 in .venv-trl (once)
     python benchmarks/bench_trl.py --out runs/bench-trl  # on an otherwise idle machine
+    python benchmarks/bench_trl.py --out runs/bench-trl --compile   # also with model.compile: true
     python benchmarks/bench_trl.py --sides diffalign --model tiny --updates 1 --steps 2   # smoke, no TRL
 
 Writes OUT/bench_trl.json and OUT/bench_trl.md (a Markdown block for docs/benchmarks.md).
@@ -179,18 +182,22 @@ def diffalign_config(method: str, pipe: Path, args: argparse.Namespace, out: Pat
     return cfg
 
 
-def run_diffalign(method: str, pipe: Path, args: argparse.Namespace) -> dict:
-    """``diffalign train`` of the matching config in a subprocess: per-update seconds and peak RSS."""
+def run_diffalign(method: str, pipe: Path, args: argparse.Namespace, compiled: bool = False) -> dict:
+    """``diffalign train`` of the matching config in a subprocess: per-update seconds and peak RSS.
+    ``compiled``: the same config with ``model.compile: true`` (its first update, untimed, compiles)."""
     import yaml
 
-    run = args.out / f"diffalign-{method}"
+    name = f"diffalign-compiled-{method}" if compiled else f"diffalign-{method}"
+    run = args.out / name
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
-    cfg_path = args.out / f"diffalign-{method}.yaml"
-    cfg_path.write_text(yaml.safe_dump(diffalign_config(method, pipe, args, run), sort_keys=False))
+    cfg = diffalign_config(method, pipe, args, run)
+    cfg["model"] |= {"compile": compiled, "compile_backend": args.compile_backend} if compiled else {}
+    cfg_path = args.out / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, "-m", "diffalign", "train", "--config", str(cfg_path), "--output-dir", str(run)]
-    log = args.out / f"diffalign-{method}.log"
+    log = args.out / f"{name}.log"
     rc, wall, rss = run_child(cmd, log, args.threads)
     if rc != 0:
         raise SystemExit(f"bench_trl: diffalign {method} exited {rc}; see {log}")
@@ -353,6 +360,16 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
                 f"| {method} | peak RSS MB | {r['trl']['peak_rss_mb']:.0f} | {r['diffalign']['peak_rss_mb']:.0f} | "
                 f"{r['rss_ratio']:.2f} | <= 0.8 |"
             )
+        if "trl" in r and "diffalign-compiled" in r:
+            c = r["diffalign-compiled"]
+            lines.append(
+                f"| {method}, `model.compile: true` | {unit} (first, compiling: {c['all_seconds'][0]:.0f} s) | "
+                f"{r['trl']['seconds']:.2f} | {c['seconds']:.2f} | {r['compiled_time_ratio']:.2f} | <= 0.7 |"
+            )
+            lines.append(
+                f"| {method}, `model.compile: true` | peak RSS MB | {r['trl']['peak_rss_mb']:.0f} | "
+                f"{c['peak_rss_mb']:.0f} | {r['compiled_rss_ratio']:.2f} | <= 0.8 |"
+            )
     s = report.get("sampler")
     if s:
         lines += ["", "| figure | baseline | diffalign | ratio | target |", "|---|---|---|---|---|"]
@@ -374,17 +391,20 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
 
 
 def print_table(report: dict) -> None:
-    print(f"{'method':<10} {'side':<10} {'s/update':>9} {'min':>7} {'max':>7} {'peak RSS MB':>12}")
+    print(f"{'method':<10} {'side':<18} {'s/update':>9} {'min':>7} {'max':>7} {'peak RSS MB':>12}")
     for method, r in report["methods"].items():
-        for side in ("trl", "diffalign"):
+        for side in ("trl", "diffalign", "diffalign-compiled"):
             if side in r:
                 x = r[side]
                 print(
-                    f"{method:<10} {side:<10} {x['seconds']:9.2f} {x['seconds_min']:7.2f} {x['seconds_max']:7.2f} "
+                    f"{method:<10} {side:<18} {x['seconds']:9.2f} {x['seconds_min']:7.2f} {x['seconds_max']:7.2f} "
                     f"{x['peak_rss_mb']:12.0f}"
                 )
         if "time_ratio" in r:
-            print(f"{method:<10} {'ours/TRL':<10} {r['time_ratio']:9.2f} {'':>7} {'':>7} {r['rss_ratio']:12.2f}")
+            print(f"{method:<10} {'ours/TRL':<18} {r['time_ratio']:9.2f} {'':>7} {'':>7} {r['rss_ratio']:12.2f}")
+        if "compiled_time_ratio" in r:
+            t, m = r["compiled_time_ratio"], r["compiled_rss_ratio"]
+            print(f"{method:<10} {'compiled/TRL':<18} {t:9.2f} {'':>7} {'':>7} {m:12.2f}")
     if report.get("sampler"):
         s = report["sampler"]
         print(
@@ -422,6 +442,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-batch", type=int, default=4, help="DDPO PPO minibatch")
     p.add_argument("--lr-alignprop", type=float, default=1e-3, help="TRL's AlignProp default")
     p.add_argument("--lr-ddpo", type=float, default=3e-4, help="TRL's DDPO default")
+    p.add_argument(
+        "--compile", action="store_true", help="also run diffalign with model.compile: true (side diffalign-compiled)"
+    )
+    p.add_argument("--compile-backend", default="inductor", help="model.compile_backend of the compiled side")
     p.add_argument("--no-extras", action="store_true", help="skip the sampler and sampling-memory figures")
     p.add_argument("--sampler-eta", type=float, default=0.0, help="eta of the sampler comparison")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each sampler")
@@ -439,6 +463,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.updates < 1:
         raise SystemExit("bench_trl: --updates must be >= 1")
     sides = ["trl", "diffalign"] if args.sides == "both" else [args.sides]
+    if args.compile and args.sides != "trl":
+        sides.append("diffalign-compiled")
     if "trl" in sides and not args.trl_python.is_file():
         raise SystemExit(f"bench_trl: no TRL venv at {args.trl_python}: run make venv-trl or pass --trl-python")
     args.out = args.out.resolve()
@@ -474,12 +500,18 @@ def main(argv: list[str] | None = None) -> dict:
         r = report["methods"][method] = {}
         for side in sides:
             print(f"bench_trl: {side} {method} ...", flush=True)
-            r[side] = run_trl(method, pipe, args) if side == "trl" else run_diffalign(method, pipe, args)
+            if side == "trl":
+                r[side] = run_trl(method, pipe, args)
+            else:
+                r[side] = run_diffalign(method, pipe, args, compiled=side == "diffalign-compiled")
         if "trl" in r:
             report["versions"]["trl_venv"] = r["trl"]["versions"]
         if "trl" in r and "diffalign" in r:
             r["time_ratio"] = r["diffalign"]["seconds"] / r["trl"]["seconds"]
             r["rss_ratio"] = r["diffalign"]["peak_rss_mb"] / r["trl"]["peak_rss_mb"]
+        if "trl" in r and "diffalign-compiled" in r:
+            r["compiled_time_ratio"] = r["diffalign-compiled"]["seconds"] / r["trl"]["seconds"]
+            r["compiled_rss_ratio"] = r["diffalign-compiled"]["peak_rss_mb"] / r["trl"]["peak_rss_mb"]
     if not args.no_extras:
         print("bench_trl: sampler vs diffusers pipeline ...", flush=True)
         report["sampler"] = run_sampler(pipe, args)

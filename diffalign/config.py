@@ -54,6 +54,13 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: accelerate picks (a GPU if any, one per process)
     attention: Literal["sdpa", "xformers"] = "sdpa"
     gradient_checkpointing: bool = True  # checkpoint every UNet call with gradient (reward backprop)
+    # torch.compile the denoising network in place, after its LoRA is added (diffalign/pipelines.py
+    # compile_backbone): faster steps after a one-time compile per batch shape and mode (minutes on a CPU;
+    # TORCHINDUCTOR_CACHE_DIR keeps the kernels for the next run); compile_backend aot_eager traces without
+    # generating kernels (a quick check that a model compiles)
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

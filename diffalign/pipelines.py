@@ -569,6 +569,20 @@ def add_lora(pipe, settings: LoraSettings) -> list[torch.nn.Parameter]:
     return params
 
 
+def compile_backbone(pipe, mode: str = "default", backend: str = "inductor") -> None:
+    """``torch.compile`` the denoising network in place (``nn.Module.compile``: the module, its parameters and
+    its ``state_dict`` keys stay as they are, so LoRA saving, peft's adapter switches and the EMA's in-place
+    weight swaps work unchanged; a switch such as the reference pass's disabled LoRA compiles once more).
+    Call it after :func:`add_lora` and any sharding. The compiled graphs read the parameters as inputs, so an
+    optimizer step is seen by the next call."""
+    import torch._dynamo
+
+    # each batch shape (training, CFG-doubled, evaluation), grad mode and adapter state is a graph of its own,
+    # specialized to its sizes (dynamic=False: a run has a handful of shapes, and fixed sizes compile faster kernels)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    backbone(pipe).compile(mode=None if mode == "default" else mode, backend=backend, dynamic=False)
+
+
 def lora_adapter_of(name: str) -> str | None:
     """The peft adapter a parameter belongs to, from its name (``...to_q.lora_A.default.weight`` -> ``default``;
     ``None`` for a parameter of no LoRA layer)."""

@@ -430,7 +430,7 @@ class Trainer:
 
         from diffalign.evaluation import Evaluator
         from diffalign.methods.registry import check_method_sampler
-        from diffalign.pipelines import add_lora, backbone, load_pipeline, pipeline_sampler_kind
+        from diffalign.pipelines import add_lora, backbone, compile_backbone, load_pipeline, pipeline_sampler_kind
         from reward_models import RewardSpec, get_reward
 
         cfg = self.cfg
@@ -455,6 +455,8 @@ class Trainer:
             from diffalign.fsdp import shard_backbone
 
             self.fsdp_report = shard_backbone(acc, backbone(self.pipe), fsdp)
+        if cfg.model.compile:
+            compile_backbone(self.pipe, cfg.model.compile_mode, cfg.model.compile_backend)
         t = cfg.train
         optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay

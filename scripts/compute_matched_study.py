@@ -73,7 +73,14 @@ def default_methods() -> list[Method]:
     fast = ["sample.num_batches=2", "train.lr=2e-3"]  # PRDP and D3PO: 16 trajectories a step, lr 2e-3
     return [
         Method("grpo", "GRPO", "configs/shapes/grpo.yaml", 60, [*GOLD_REWARD]),
-        Method("prdp", "PRDP", "configs/shapes/prdp.yaml", 40, [*GOLD_REWARD, *fast, "prdp.timestep_fraction=0.3"]),
+        # eta 1: the rollouts of the table's PRDP rows (configs/shapes/prdp.yaml ships eta 0.5 since 2026-12-01)
+        Method(
+            "prdp",
+            "PRDP",
+            "configs/shapes/prdp.yaml",
+            40,
+            [*GOLD_REWARD, *fast, "prdp.timestep_fraction=0.3", "sample.eta=1.0"],
+        ),
         Method(
             "d3po",
             "D3PO",

@@ -74,3 +74,41 @@ def test_trl_side_runs_when_its_venv_exists(tmp_path):
         assert r["trl"]["seconds"] > 0 and r["trl"]["peak_rss_mb"] > 50
         assert r["time_ratio"] > 0 and r["rss_ratio"] > 0
     assert saved["methods"]["alignprop"]["trl"]["trl_settings"]["truncated_backprop_rand"] is False
+
+
+def test_compiled_side_runs_the_same_config_with_compile(tmp_path, monkeypatch):
+    """``--compile``: a third run, the same config with ``model.compile: true``, its ratios in the report.
+    The child processes are faked here (tests/test_compile.py trains with a compiled UNet)."""
+    runs = []
+
+    def fake_child(cmd, log, threads, cwd=None):
+        if "--_prepare" in cmd:
+            cache = Path(cmd[cmd.index("--cache") + 1])
+            cache.mkdir(parents=True)
+            (cache / "bench_pipe.json").write_text(json.dumps({"unet_params": 1000, "image_size": 8}))
+            return 0, 0.0, 0.0
+        if "trl_side.py" in " ".join(cmd):
+            seconds, settings = [3.0, 3.0, 3.0], {}
+            log.write_text(json.dumps({"seconds": seconds, "peak_rss_mb": 90.0, "settings": settings, "versions": {}}))
+            return 0, 1.0, 100.0
+        run = Path(cmd[cmd.index("--output-dir") + 1])
+        runs.append(run.name)
+        seconds = [9.0, 2.0, 1.0] if "compiled" in run.name else [3.0, 2.0, 2.0]
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"time": {"step_seconds": x}}) + "\n" for x in seconds))
+        return 0, 1.0, 80.0 if "compiled" in run.name else 120.0
+
+    monkeypatch.setattr(bench_trl, "run_child", fake_child)
+    trl_python = tmp_path / "python"
+    trl_python.write_text("")
+    out = tmp_path / "bench"
+    args = ["--out", str(out), "--methods", "ddpo", "--no-extras", "--compile", "--trl-python", str(trl_python)]
+    report = bench_trl.main(args)
+    assert runs == ["diffalign-ddpo", "diffalign-compiled-ddpo"]
+    r = report["methods"]["ddpo"]
+    assert r["time_ratio"] == pytest.approx(2.0 / 3.0) and r["compiled_time_ratio"] == pytest.approx(1.5 / 3.0)
+    assert r["compiled_rss_ratio"] == pytest.approx(0.8) and r["diffalign-compiled"]["all_seconds"][0] == 9.0
+    cfg = (out / "diffalign-compiled-ddpo.yaml").read_text()
+    assert "compile: true" in cfg and "compile_backend: inductor" in cfg
+    assert "compile:" not in (out / "diffalign-ddpo.yaml").read_text()
+    md = (out / "bench_trl.md").read_text()
+    assert "| ddpo, `model.compile: true` | s / epoch (first, compiling: 9 s) | 3.00 | 1.50 | 0.50 | <= 0.7 |" in md
