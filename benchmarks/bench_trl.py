@@ -506,12 +506,10 @@ def main(argv: list[str] | None = None) -> dict:
                 r[side] = run_diffalign(method, pipe, args, compiled=side == "diffalign-compiled")
         if "trl" in r:
             report["versions"]["trl_venv"] = r["trl"]["versions"]
-        if "trl" in r and "diffalign" in r:
-            r["time_ratio"] = r["diffalign"]["seconds"] / r["trl"]["seconds"]
-            r["rss_ratio"] = r["diffalign"]["peak_rss_mb"] / r["trl"]["peak_rss_mb"]
-        if "trl" in r and "diffalign-compiled" in r:
-            r["compiled_time_ratio"] = r["diffalign-compiled"]["seconds"] / r["trl"]["seconds"]
-            r["compiled_rss_ratio"] = r["diffalign-compiled"]["peak_rss_mb"] / r["trl"]["peak_rss_mb"]
+        for side, prefix in (("diffalign", ""), ("diffalign-compiled", "compiled_")):
+            if "trl" in r and side in r:
+                r[f"{prefix}time_ratio"] = r[side]["seconds"] / r["trl"]["seconds"]
+                r[f"{prefix}rss_ratio"] = r[side]["peak_rss_mb"] / r["trl"]["peak_rss_mb"]
     if not args.no_extras:
         print("bench_trl: sampler vs diffusers pipeline ...", flush=True)
         report["sampler"] = run_sampler(pipe, args)
