@@ -141,6 +141,22 @@ def tiny_config(sd_dir: Path, out: Path, method: str = "alignprop", **sections: 
     return cfg
 
 
+def assert_lora_loads_in_diffusers(sd_dir: Path, run: Path, step: int) -> dict[str, Any]:
+    """The run's exported ``lora/`` loads with plain diffusers' ``load_lora_weights`` and holds exactly the
+    LoRA of its checkpoint at ``step``; return that checkpoint's tensors."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(run / "lora", adapter_name="trained")
+    trained = load_file(run / "checkpoints" / f"step_{step}" / "lora.safetensors")
+    loaded = {f"unet.{n}".replace(".trained.", ".default."): p for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert set(loaded) == set(trained)
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+    return trained
+
+
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
