@@ -209,3 +209,20 @@ def test_keep_best_keeps_the_best_evaluations_checkpoint(tmp_path, sd_dir, capsy
     cfg = tiny_config(sd_dir, off, "draft_k", eval=ev, checkpoint={"every": 1, "keep": 1, "keep_best": False})
     assert train(tmp_path, cfg) == 0
     assert sorted(p.name for p in (off / "checkpoints").iterdir()) == ["step_3"]
+
+
+def test_frozen_heap_exempts_live_objects_and_gives_them_back():
+    import gc
+
+    from diffalign.trainer import frozen_heap
+
+    before = gc.get_freeze_count()
+    kept = [[] for _ in range(100)]  # container objects, tracked by the collector
+    with frozen_heap() as refreeze:
+        assert gc.get_freeze_count() >= before + 100
+        assert not any(obj is kept for obj in gc.get_objects())  # frozen objects are in no generation
+        made = [[] for _ in range(50)]
+        refreeze()
+        assert not any(obj is made for obj in gc.get_objects())
+    assert gc.get_freeze_count() == 0
+    assert any(obj is kept for obj in gc.get_objects())
