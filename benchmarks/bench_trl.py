@@ -193,7 +193,8 @@ def run_diffalign(method: str, pipe: Path, args: argparse.Namespace, compiled: b
         shutil.rmtree(run)
     run.mkdir(parents=True)
     cfg = diffalign_config(method, pipe, args, run)
-    cfg["model"] |= {"compile": compiled, "compile_backend": args.compile_backend} if compiled else {}
+    if compiled:
+        cfg["model"] |= {"compile": True, "compile_backend": args.compile_backend, "compile_mode": args.compile_mode}
     cfg_path = args.out / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = [sys.executable, "-m", "diffalign", "train", "--config", str(cfg_path), "--output-dir", str(run)]
@@ -231,6 +232,26 @@ def run_trl(method: str, pipe: Path, args: argparse.Namespace) -> dict:
         "trl_settings": child["settings"],
         "versions": child["versions"],
     }
+
+
+# the libraries each side's training process imports before it loads a pipeline: the process-wide floor
+# under its peak RSS (torch alone is about 500 MB here), measured as the peak RSS of a child that only imports
+FLOOR_IMPORTS = {
+    "trl": "import torch, accelerate, peft, trl; "
+    "from diffusers import StableDiffusionPipeline; from transformers import CLIPTextModel",
+    "diffalign": "import torch, accelerate, peft, diffalign.trainer, diffalign.methods; "
+    "from diffusers import StableDiffusionPipeline; from transformers import CLIPTextModel",
+}
+
+
+def run_floor(side: str, args: argparse.Namespace) -> float:
+    """Peak RSS (MiB) of a child of ``side``'s venv that imports that side's libraries and exits."""
+    python = str(args.trl_python) if side == "trl" else sys.executable
+    log = args.out / f"floor-{side}.log"
+    rc, _, rss = run_child([python, "-c", FLOOR_IMPORTS[side]], log, args.threads)
+    if rc != 0:
+        raise SystemExit(f"bench_trl: the import floor of {side} exited {rc}; see {log}")
+    return round(rss, 1)
 
 
 # -------------------------------------------------------------------------------- sampler and memory
@@ -370,6 +391,22 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
                 f"| {method}, `model.compile: true` | peak RSS MB | {r['trl']['peak_rss_mb']:.0f} | "
                 f"{c['peak_rss_mb']:.0f} | {r['compiled_rss_ratio']:.2f} | <= 0.8 |"
             )
+    floor = report.get("import_floor_mb", {})
+    if len(floor) == 2:
+        lines += ["", "| import floor (peak RSS MB of a process that only imports) | TRL 0.11.4 | diffalign |"]
+        lines += [
+            "|---|---|---|",
+            f"| torch, diffusers, transformers, peft, accelerate and the trainer | "
+            f"{floor['trl']:.0f} | {floor['diffalign']:.0f} |",
+        ]
+        for method in ("alignprop", "ddpo"):
+            r = report["methods"].get(method, {})
+            if "trl" in r and "diffalign" in r:
+                lines.append(
+                    f"| {method}: peak above the floor | {r['trl']['peak_rss_mb'] - floor['trl']:.0f} | "
+                    f"{r['diffalign']['peak_rss_mb'] - floor['diffalign']:.0f} |"
+                )
+                lines.append(f"| {method}: 0.8 x TRL's peak, the target | {0.8 * r['trl']['peak_rss_mb']:.0f} | |")
     s = report.get("sampler")
     if s:
         lines += ["", "| figure | baseline | diffalign | ratio | target |", "|---|---|---|---|---|"]
@@ -405,6 +442,8 @@ def print_table(report: dict) -> None:
         if "compiled_time_ratio" in r:
             t, m = r["compiled_time_ratio"], r["compiled_rss_ratio"]
             print(f"{method:<10} {'compiled/TRL':<18} {t:9.2f} {'':>7} {'':>7} {m:12.2f}")
+    for side, mb in report.get("import_floor_mb", {}).items():
+        print(f"import floor ({side}): {mb:.0f} MB peak RSS of a process that only imports its libraries")
     if report.get("sampler"):
         s = report["sampler"]
         print(
@@ -446,6 +485,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--compile", action="store_true", help="also run diffalign with model.compile: true (side diffalign-compiled)"
     )
     p.add_argument("--compile-backend", default="inductor", help="model.compile_backend of the compiled side")
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "max-autotune-no-cudagraphs"],
+        help="model.compile_mode of the compiled side",
+    )
     p.add_argument("--no-extras", action="store_true", help="skip the sampler and sampling-memory figures")
     p.add_argument("--sampler-eta", type=float, default=0.0, help="eta of the sampler comparison")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each sampler")
@@ -510,6 +555,7 @@ def main(argv: list[str] | None = None) -> dict:
             if "trl" in r and side in r:
                 r[f"{prefix}time_ratio"] = r[side]["seconds"] / r["trl"]["seconds"]
                 r[f"{prefix}rss_ratio"] = r[side]["peak_rss_mb"] / r["trl"]["peak_rss_mb"]
+    report["import_floor_mb"] = {side: run_floor(side, args) for side in ("trl", "diffalign") if side in sides}
     if not args.no_extras:
         print("bench_trl: sampler vs diffusers pipeline ...", flush=True)
         report["sampler"] = run_sampler(pipe, args)

@@ -87,6 +87,8 @@ def test_compiled_side_runs_the_same_config_with_compile(tmp_path, monkeypatch):
             cache.mkdir(parents=True)
             (cache / "bench_pipe.json").write_text(json.dumps({"unet_params": 1000, "image_size": 8}))
             return 0, 0.0, 0.0
+        if cmd[1] == "-c":  # the import floor of a side's venv
+            return 0, 0.1, 60.0 if " trl;" in cmd[2] else 70.0
         if "trl_side.py" in " ".join(cmd):
             seconds, settings = [3.0, 3.0, 3.0], {}
             log.write_text(json.dumps({"seconds": seconds, "peak_rss_mb": 90.0, "settings": settings, "versions": {}}))
@@ -102,6 +104,7 @@ def test_compiled_side_runs_the_same_config_with_compile(tmp_path, monkeypatch):
     trl_python.write_text("")
     out = tmp_path / "bench"
     args = ["--out", str(out), "--methods", "ddpo", "--no-extras", "--compile", "--trl-python", str(trl_python)]
+    args += ["--compile-mode", "max-autotune-no-cudagraphs"]
     report = bench_trl.main(args)
     assert runs == ["diffalign-ddpo", "diffalign-compiled-ddpo"]
     r = report["methods"]["ddpo"]
@@ -109,6 +112,10 @@ def test_compiled_side_runs_the_same_config_with_compile(tmp_path, monkeypatch):
     assert r["compiled_rss_ratio"] == pytest.approx(0.8) and r["diffalign-compiled"]["all_seconds"][0] == 9.0
     cfg = (out / "diffalign-compiled-ddpo.yaml").read_text()
     assert "compile: true" in cfg and "compile_backend: inductor" in cfg
+    assert "compile_mode: max-autotune-no-cudagraphs" in cfg
     assert "compile:" not in (out / "diffalign-ddpo.yaml").read_text()
     md = (out / "bench_trl.md").read_text()
     assert "| ddpo, `model.compile: true` | s / epoch (first, compiling: 9 s) | 3.00 | 1.50 | 0.50 | <= 0.7 |" in md
+    # the import floors: TRL's peak 100 above its floor 60, ours 120 above 70; the target 0.8 x 100
+    assert report["import_floor_mb"] == {"trl": 60.0, "diffalign": 70.0}
+    assert "| ddpo: peak above the floor | 40 | 50 |" in md and "| ddpo: 0.8 x TRL's peak, the target | 80 | |" in md
