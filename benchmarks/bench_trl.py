@@ -13,7 +13,8 @@ the same settings on both sides, and every training run in its own subprocess, O
 Time: the median over the updates after the first ``--warmup`` (lazy initialisation). Memory: the
 whole process's peak RSS (``ru_maxrss`` of that child alone, from ``os.wait4``; this process never imports
 torch, since a child's ``ru_maxrss`` also covers the RSS it had before ``exec``, its parent's; the TRL side
-also reports its own ``VmHWM`` as a check). Both sides also get
+also reports its own ``VmHWM`` as a check; as root the page cache is dropped before every child, since the
+mapped pages of the same shared libraries vary with it: ``--page-cache``). Both sides also get
 the two other figures of issue 19 item 3, measured in the same run: diffalign's no-grad sampler
 against the plain diffusers pipeline call for the same images, and the peak RSS of differentiable
 sampling at 50 vs 10 steps with checkpointing (``benchmarks/bench_sampling.py``'s measurement).
@@ -107,8 +108,32 @@ def prepare_pipeline(model: str, cache: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- processes
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+# set by main() from --page-cache: drop the kernel's page cache before every child
+PAGE_CACHE = {"drop": False}
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the kernel's clean page cache (root only); True when it was dropped.
+
+    Why: a child's RSS counts the pages of its shared libraries that are mapped into it, and how many pages one
+    fault maps depends on how the page cache holds the file (large folios after pip wrote it, single pages after
+    a cold read). Measured here: ``import torch`` of one torch 2.14.1 wheel peaked at 662 MB from one venv and
+    507 MB from another, identical files, until the cache was dropped; then 504-507 MB from both. Dropping it
+    before every child puts both venvs in the same state."""
+    if os.geteuid() != 0 or not os.access(DROP_CACHES, os.W_OK):
+        return False
+    os.sync()
+    DROP_CACHES.write_text("3\n")
+    return True
+
+
 def run_child(cmd: list[str], log: Path, threads: int, cwd: Path = ROOT) -> tuple[int, float, float]:
-    """Run ``cmd`` alone (stdout+stderr to ``log``); return its exit code, wall seconds and peak RSS (MiB)."""
+    """Run ``cmd`` alone (stdout+stderr to ``log``); return its exit code, wall seconds and peak RSS (MiB).
+
+    With ``--page-cache drop`` the page cache is dropped first (:func:`drop_page_cache`)."""
+    if PAGE_CACHE["drop"]:
+        drop_page_cache()
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
@@ -368,7 +393,11 @@ def settings_rows(args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 def markdown(report: dict, args: argparse.Namespace) -> str:
     lines = [f"Command: `{report['command']}`", ""]
-    lines += [f"Pipeline: {report['pipeline']}; {report['threads']} torch thread(s); {report['machine']}.", ""]
+    cache = "page cache dropped before every run" if report.get("page_cache_dropped") else "page cache kept"
+    lines += [
+        f"Pipeline: {report['pipeline']}; {report['threads']} torch thread(s); {report['machine']}; {cache}.",
+        "",
+    ]
     lines += ["| method | figure | TRL 0.11.4 | diffalign | ours / TRL | target |", "|---|---|---|---|---|---|"]
     for method, unit in (("alignprop", "s / update"), ("ddpo", "s / epoch")):
         r = report["methods"].get(method, {})
@@ -492,6 +521,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="model.compile_mode of the compiled side",
     )
     p.add_argument("--no-extras", action="store_true", help="skip the sampler and sampling-memory figures")
+    p.add_argument(
+        "--page-cache",
+        default="auto",
+        choices=["auto", "drop", "keep"],
+        help="drop the kernel's page cache before every child (needs root): the peak RSS of the same shared "
+        "libraries depends on how the cache holds them; auto = drop when root",
+    )
     p.add_argument("--sampler-eta", type=float, default=0.0, help="eta of the sampler comparison")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each sampler")
     p.add_argument("--memory-steps", type=int, nargs=2, default=[10, 50])
@@ -514,6 +550,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"bench_trl: no TRL venv at {args.trl_python}: run make venv-trl or pass --trl-python")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    PAGE_CACHE["drop"] = args.page_cache == "drop" or (args.page_cache == "auto" and drop_page_cache())
+    if args.page_cache == "drop" and not drop_page_cache():
+        raise SystemExit("bench_trl: --page-cache drop needs root (writes /proc/sys/vm/drop_caches); use auto or keep")
     # built in a child: this process stays free of torch, because a child's ru_maxrss starts from the RSS of
     # the process it was forked from (the kernel carries the pre-exec peak over), which would floor every figure
     cache = (args.cache or args.out / f"pipe-{args.model}").resolve()
@@ -532,6 +571,7 @@ def main(argv: list[str] | None = None) -> dict:
         "unet_params": info["unet_params"],
         "image_size": info["image_size"],
         "threads": args.threads,
+        "page_cache_dropped": PAGE_CACHE["drop"],
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "versions": {"diffalign_venv": versions_here()},
         "settings": {

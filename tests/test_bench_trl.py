@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_trl  # noqa: E402
 
 SMALL = ["--model", "tiny", "--updates", "1", "--steps", "2", "--batch", "2", "--num-batches", "1"]
-SMALL += ["--train-batch", "2", "--threads", "1"]
+SMALL += ["--train-batch", "2", "--threads", "1", "--page-cache", "keep"]
 
 
 def test_brightness_plugin_scores_mean_and_is_differentiable():
@@ -119,3 +119,21 @@ def test_compiled_side_runs_the_same_config_with_compile(tmp_path, monkeypatch):
     # the import floors: TRL's peak 100 above its floor 60, ours 120 above 70; the target 0.8 x 100
     assert report["import_floor_mb"] == {"trl": 60.0, "diffalign": 70.0}
     assert "| ddpo: peak above the floor | 40 | 50 |" in md and "| ddpo: 0.8 x TRL's peak, the target | 80 | |" in md
+
+
+def test_page_cache_is_dropped_before_every_child_when_asked(tmp_path, monkeypatch):
+    """``--page-cache drop``: run_child drops the cache before each child (faked here: it needs root);
+    ``keep`` never does; ``drop`` where it cannot be done is a one-line error."""
+    drops = []
+    monkeypatch.setattr(bench_trl, "drop_page_cache", lambda: drops.append(1) or True)
+    monkeypatch.setitem(bench_trl.PAGE_CACHE, "drop", True)
+    for _ in range(2):
+        rc, _, rss = bench_trl.run_child([sys.executable, "-c", "pass"], tmp_path / "child.log", 1)
+        assert rc == 0 and rss > 1
+    assert len(drops) == 2
+    monkeypatch.setitem(bench_trl.PAGE_CACHE, "drop", False)
+    bench_trl.run_child([sys.executable, "-c", "pass"], tmp_path / "child.log", 1)
+    assert len(drops) == 2
+    monkeypatch.setattr(bench_trl, "drop_page_cache", lambda: False)
+    with pytest.raises(SystemExit, match="--page-cache drop needs root"):
+        bench_trl.main([*SMALL[:-2], "--page-cache", "drop", "--sides", "diffalign", "--out", str(tmp_path / "b")])
