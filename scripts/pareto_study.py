@@ -16,7 +16,10 @@ spread within a prompt's group of base samples, 0.16 kB, matches the CLIP's, 0.1
 - ``pareto``: ``reward.combine=pareto``: Parrot (Lee et al. 2024, Algorithm 1): only the non-dominated
   samples of each prompt's group train (advantage 0 for the others), with the same reward;
 - ``dominance`` (``--variants weighted pareto dominance``): ``pareto_signal=dominance``, every sample's
-  reward is minus the number of samples of its group that dominate it (no weighting, nobody masked).
+  reward is minus the number of samples of its group that dominate it (no weighting, nobody masked);
+- ``pareto_raw`` (``--variants weighted pareto_raw``): Parrot's Eq. 4 as written: the non-dominated samples
+  train with their raw reward as the REINFORCE weight (``grpo.adv_std=none``: no group baseline, no
+  scaling), so every selected sample is reinforced, the front's extremes included; the others get 0.
 
 Then ``diffalign gallery`` draws every run's held-out images (30 held-out compositions x 5 seeds, the
 evaluation's draws) plus the base model's and scores them with both rewards and the gold verifier
@@ -44,7 +47,7 @@ KEYS = ("shapes_clip", "saturation")  # the default pair; --second replaces the 
 CONFIG = "configs/shapes/grpo.yaml"
 
 
-VARIANTS = ("weighted", "pareto", "dominance")
+VARIANTS = ("weighted", "pareto", "dominance", "pareto_raw")
 
 
 def variants(weight: float, second: str = KEYS[1], names: tuple[str, ...] = VARIANTS[:2]) -> dict[str, str]:
@@ -55,6 +58,7 @@ def variants(weight: float, second: str = KEYS[1], names: tuple[str, ...] = VARI
         "weighted": f"{common} reward.combine=weighted",
         "pareto": f"{common} reward.combine=pareto",
         "dominance": f"{common} reward.combine=pareto reward.combine_options.pareto_signal=dominance",
+        "pareto_raw": f"{common} reward.combine=pareto grpo.adv_std=none",
     }
     return {k: v for k, v in every.items() if k in names}
 
@@ -90,7 +94,13 @@ def read_scores(path: Path) -> dict[str, list[dict]]:
     return rows
 
 
-COLORS = {"base": "0.45", "weighted": "tab:blue", "pareto": "tab:red", "dominance": "tab:green"}
+COLORS = {
+    "base": "0.45",
+    "weighted": "tab:blue",
+    "pareto": "tab:red",
+    "dominance": "tab:green",
+    "pareto_raw": "tab:purple",
+}
 
 
 def family(label: str) -> str:

@@ -72,6 +72,20 @@ def test_advantages_from_known_rewards_two_processes(adv_std):
     torch.testing.assert_close(adv, torch.tensor([-0.4, 0.0, 0.4, 0.0, 0.0, 0.0]))
 
 
+def test_raw_advantages_are_the_rewards_clipped():
+    """``adv_std: none`` (Parrot Eq. 4's REINFORCE weight): A_i = R_i, no baseline, no scaling, clamped to
+    +-adv_clip_max; this process's share of the same gathered rewards as above."""
+    others = {1: [torch.tensor([0.0, 2.0, 4.0, 1.0, 1.0, 7.0])]}
+    ctx = FakeCtx(batch_size=2, process_index=0, num_processes=2, others=others, id_shift=2)
+    ctx.reward_fn = queue_rewards([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    method = GRPO(GRPOConfig(group_size=3, adv_std="none", adv_clip_max=4.0), ctx.sample, TrainConfig())
+    batch = PromptBatch(["p0", "p1"], ["p0", "p1", "p2", "p3"])
+    adv, _ = method.local_advantages(ctx, method.collect(ctx, [batch], ctx.sampler))
+    torch.testing.assert_close(adv, torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 4.0]))
+    with pytest.raises(DiffalignError, match="'group', 'global' or 'none'"):
+        GRPOConfig(adv_std="batch")
+
+
 def test_groups_of_process_one_and_of_later_batches():
     """Process 1 samples the second half of each batch's prompts; batch b's ids follow batch b-1's."""
     others = {0: [torch.zeros(4), torch.zeros(4)]}

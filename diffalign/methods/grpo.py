@@ -70,7 +70,9 @@ class GRPOConfig:
     # reference code's form on flow pipelines, ||mu_theta - mu_ref||^2 / (2 g^2) without |dt| (spec §6.1)
     kl: Literal["mean", "k3", "flow_grpo"] = "mean"
     clip_range: float = 1e-4  # PPO eps on mean-reduced log-probs (TRL epsilon; Flow-GRPO train.clip_range)
-    adv_std: Literal["group", "global"] = "global"  # std of the group or of the whole step (Flow-GRPO global_std)
+    # std of the group or of the whole step (Flow-GRPO global_std); none: the raw reward, no baseline and no
+    # scaling (A_i = R_i: Parrot Eq. 4's REINFORCE weight with reward.combine=pareto; rewards should be >= 0)
+    adv_std: Literal["group", "global", "none"] = "global"
     adv_clip_max: float = 5.0  # clamp advantages to +-this
     timestep_fraction: float = 1.0  # fraction of the T steps (of the sde_window steps when set) trained per trajectory
     # W > 0: only the first W sampling steps are stochastic (sample.eta), the rest deterministic (eta 0, as
@@ -95,8 +97,8 @@ class GRPOConfig:
             raise DiffalignError(f"grpo.kl must be 'mean', 'k3' or 'flow_grpo', got {self.kl!r}")
         if self.clip_range <= 0:
             raise DiffalignError(f"grpo.clip_range must be > 0, got {self.clip_range}")
-        if self.adv_std not in ("group", "global"):
-            raise DiffalignError(f"grpo.adv_std must be 'group' or 'global', got {self.adv_std!r}")
+        if self.adv_std not in ("group", "global", "none"):
+            raise DiffalignError(f"grpo.adv_std must be 'group', 'global' or 'none', got {self.adv_std!r}")
         if self.adv_clip_max <= 0:
             raise DiffalignError(f"grpo.adv_clip_max must be > 0, got {self.adv_clip_max}")
         if not 0.0 < self.timestep_fraction <= 1.0:
@@ -194,7 +196,10 @@ class GRPO(Method):
         rewards, ids = rollout.gathered_reward, rollout.gathered_group_ids
         if not groups_on_one_process(ids, rollout.num_processes, rollout.batches):
             raise RuntimeError("a GRPO group straddles processes; its samples must come from one process")
-        adv_all = group_advantages(rewards.double(), ids, std=self.cfg.adv_std).float()
+        if self.cfg.adv_std == "none":  # Parrot Eq. 4: REINFORCE weighted by the raw reward
+            adv_all = rewards.detach().float().clone()
+        else:
+            adv_all = group_advantages(rewards.double(), ids, std=self.cfg.adv_std).float()
         adv_all = torch.clamp(adv_all, -self.cfg.adv_clip_max, self.cfg.adv_clip_max)
         adv_all = rollout.weighted_advantages(adv_all)  # 0 outside a Pareto selection (within each group)
         adv = rollout.local(adv_all, ctx.process_index).to(rollout.trajectories.latents.device)
