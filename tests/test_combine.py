@@ -240,6 +240,17 @@ def test_ddpo_samples_outside_p_get_zero_advantage():
     assert result.stats["pareto/selected_fraction"] == 0.75
 
 
+def test_grpo_raw_advantages_are_parrots_equation_4():
+    """``grpo.adv_std: none`` with ``reward.combine: pareto``: a selected sample's advantage is its raw
+    weighted reward sum_k w_k r_k (REINFORCE on P, Parrot Eq. 4), a dominated one's exactly 0."""
+    ctx = TwoRewardCtx(steps=3, batch_size=2)
+    ctx.combiner = build_combiner("pareto", ["a", "b"], options=CombineOptions(pareto_groups=False))
+    method = GRPO(GRPOConfig(group_size=2, train_batch_size=2, adv_std="none"), ctx.sample, TrainConfig())
+    batches = [PromptBatch(["p2_0.5", "p0.5_0.25"], ["p2_0.5", "p0.5_0.25"])]
+    adv, _ = method.local_advantages(ctx, method.collect(ctx, batches, ctx.sampler))
+    assert adv.tolist() == [2.5, 2.5, 0.0, 0.0]
+
+
 def test_grpo_selects_within_groups():
     ctx = TwoRewardCtx(steps=3, batch_size=2)
     ctx.combiner = build_combiner("pareto", ["a", "b"])
