@@ -550,8 +550,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"bench_trl: no TRL venv at {args.trl_python}: run make venv-trl or pass --trl-python")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    PAGE_CACHE["drop"] = args.page_cache == "drop" or (args.page_cache == "auto" and drop_page_cache())
-    if args.page_cache == "drop" and not drop_page_cache():
+    PAGE_CACHE["drop"] = args.page_cache != "keep" and drop_page_cache()  # auto: wherever it can be dropped
+    if args.page_cache == "drop" and not PAGE_CACHE["drop"]:
         raise SystemExit("bench_trl: --page-cache drop needs root (writes /proc/sys/vm/drop_caches); use auto or keep")
     # built in a child: this process stays free of torch, because a child's ru_maxrss starts from the RSS of
     # the process it was forked from (the kernel carries the pre-exec peak over), which would floor every figure
