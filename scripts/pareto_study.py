@@ -20,6 +20,9 @@ spread within a prompt's group of base samples, 0.16 kB, matches the CLIP's, 0.1
 - ``pareto_raw`` (``--variants weighted pareto_raw``): Parrot's Eq. 4 as written: the non-dominated samples
   train with their raw reward as the REINFORCE weight (``grpo.adv_std=none``: no group baseline, no
   scaling), so every selected sample is reinforced, the front's extremes included; the others get 0.
+- ``pareto_batch`` (``--variants weighted pareto_batch``): the same with the selection over the whole step's
+  batch (``reward.combine_options.pareto_groups=false``), as the paper's Algorithm 1 writes it: one front of
+  all 32 samples of the step, across prompts, instead of one per prompt's group.
 
 Then ``diffalign gallery`` draws every run's held-out images (30 held-out compositions x 5 seeds, the
 evaluation's draws) plus the base model's and scores them with both rewards and the gold verifier
@@ -47,7 +50,7 @@ KEYS = ("shapes_clip", "saturation")  # the default pair; --second replaces the 
 CONFIG = "configs/shapes/grpo.yaml"
 
 
-VARIANTS = ("weighted", "pareto", "dominance", "pareto_raw")
+VARIANTS = ("weighted", "pareto", "dominance", "pareto_raw", "pareto_batch")
 
 
 def variants(weight: float, second: str = KEYS[1], names: tuple[str, ...] = VARIANTS[:2]) -> dict[str, str]:
@@ -59,6 +62,7 @@ def variants(weight: float, second: str = KEYS[1], names: tuple[str, ...] = VARI
         "pareto": f"{common} reward.combine=pareto",
         "dominance": f"{common} reward.combine=pareto reward.combine_options.pareto_signal=dominance",
         "pareto_raw": f"{common} reward.combine=pareto grpo.adv_std=none",
+        "pareto_batch": f"{common} reward.combine=pareto grpo.adv_std=none reward.combine_options.pareto_groups=false",
     }
     return {k: v for k, v in every.items() if k in names}
 
@@ -100,6 +104,7 @@ COLORS = {
     "pareto": "tab:red",
     "dominance": "tab:green",
     "pareto_raw": "tab:purple",
+    "pareto_batch": "tab:brown",
 }
 
 

@@ -90,6 +90,10 @@ def test_pareto_study_commands_and_report(tmp_path: Path, capsys: pytest.Capture
     assert pareto_study.main(["--dry-run", "--out", str(tmp_path), "--seeds", "0", "--variants", "dominance"]) == 0
     (dominance,) = _configs(capsys.readouterr().out.strip().splitlines())
     assert dominance.reward.combine == "pareto" and dominance.reward.combine_options.pareto_signal == "dominance"
+    assert pareto_study.main(["--dry-run", "--out", str(tmp_path), "--seeds", "0", "--variants", "pareto_batch"]) == 0
+    (batch,) = _configs(capsys.readouterr().out.strip().splitlines())
+    assert batch.reward.combine == "pareto" and batch.reward.combine_options.pareto_groups is False
+    assert batch.grpo.adv_std == "none"
 
     out = tmp_path / "study"
     for name in ("weighted-s0", "pareto-s0"):
