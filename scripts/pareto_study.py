@@ -21,8 +21,8 @@ spread within a prompt's group of base samples, 0.16 kB, matches the CLIP's, 0.1
   train with their raw reward as the REINFORCE weight (``grpo.adv_std=none``: no group baseline, no
   scaling), so every selected sample is reinforced, the front's extremes included; the others get 0.
 - ``pareto_batch`` (``--variants weighted pareto_batch``): the same with the selection over the whole step's
-  batch (``reward.combine_options.pareto_groups=false``), as the paper's Algorithm 1 writes it: one front of
-  all 32 samples of the step, across prompts, instead of one per prompt's group.
+  batch (``reward.combine_options.pareto_groups=false``), as the paper's Algorithm 1 writes it: one front per
+  sampling batch (16 samples: 4 prompts x 4), across prompts, instead of one per prompt's group.
 
 Then ``diffalign gallery`` draws every run's held-out images (30 held-out compositions x 5 seeds, the
 evaluation's draws) plus the base model's and scores them with both rewards and the gold verifier
