@@ -20,7 +20,7 @@ spread within a prompt's group of base samples, 0.16 kB, matches the CLIP's, 0.1
 - ``pareto_raw`` (``--variants weighted pareto_raw``): Parrot's Eq. 4 as written: the non-dominated samples
   train with their raw reward as the REINFORCE weight (``grpo.adv_std=none``: no group baseline, no
   scaling), so every selected sample is reinforced, the front's extremes included; the others get 0.
-- ``pareto_batch`` (``--variants weighted pareto_batch``): the same with the selection over the whole step's
+- ``pareto_batch`` (``--variants weighted pareto_batch``): the same with the selection over the sampling
   batch (``reward.combine_options.pareto_groups=false``), as the paper's Algorithm 1 writes it: one front per
   sampling batch (16 samples: 4 prompts x 4), across prompts, instead of one per prompt's group.
 
