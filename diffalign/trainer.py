@@ -985,8 +985,10 @@ class Trainer:
                     self._export_modules(paths["method_modules"])
             self._summary(paths)
         acc.wait_for_everyone()
-        if cfg.log.trackers:
-            acc.end_training()
+        # Always, trackers or not: it finishes the trackers and destroys the process group, whose gloo or NCCL
+        # threads would otherwise be torn down by the interpreter's exit (a 2-process CPU test once lost a
+        # rank to "terminate called without an active exception", SIGABRT, after its pipeline had loaded).
+        acc.end_training()
         return paths
 
     def _export_modules(self, path: Path) -> None:

@@ -218,12 +218,15 @@ def resume_latest(cfg: Path, step: int) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def launch_two_processes(cfg: Path, *extra: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+def launch_two_processes(
+    cfg: Path, *extra: str, timeout: float | None = None, module: str = "diffalign"
+) -> subprocess.CompletedProcess[str]:
     """``accelerate launch --multi_gpu --num_processes 2`` of ``diffalign train --config cfg [extra...]`` on CPU
-    (two gloo processes; ``--cpu`` would start one), in :func:`subprocess_env`, output captured."""
+    (two gloo processes; ``--cpu`` would start one), in :func:`subprocess_env`, output captured. ``module``:
+    the ``-m`` module each process runs (``pg_probe``: the same command, then whether a process group is left)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd = [*launch, "-m", "diffalign", "train", "--config", str(cfg), *extra]
+    cmd = [*launch, "-m", module, "train", "--config", str(cfg), *extra]
     return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
